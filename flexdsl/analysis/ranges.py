@@ -1,0 +1,148 @@
+"""The range of every index expression, in closed form over the lengths and parameters.
+
+For ``bias[h, q - kv + kv_len]`` the second index runs over [1, q_len + kv_len - 1], so ``bias``
+needs q_len + kv_len entries along that dimension. Affine indices get exact ranges; others get
+sound interval bounds; indices that depend on data (``table[doc[q]]``) get none and are checked
+when evaluated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+from .. import ir
+from ..check import CheckedSpec
+from .symbolic import N_BATCH, N_HEADS, Symbols, to_sympy
+
+
+@dataclass(frozen=True)
+class IndexRange:
+    """Dimension ``dim`` of tensor ``tensor`` is indexed by ``index``, which spans [low, high]."""
+    tensor: str
+    dim: int
+    index: ir.Expr
+    low: sympy.Expr | None
+    high: sympy.Expr | None
+
+    def describe(self) -> str:
+        text = ir.unparse(self.index)
+        if self.low is None:
+            return f"{self.tensor} dim {self.dim}: {text} depends on data, checked at run time"
+        need = sympy.simplify(self.high + 1)
+        return (f"{self.tensor} dim {self.dim}: {text} in [{self.low}, {self.high}], "
+                f"needs size >= {need}")
+
+    def bounds(self, values: dict[str, int | float]) -> tuple[int, int] | None:
+        """[low, high] for concrete lengths and parameters, or None if data decides."""
+        if self.low is None:
+            return None
+        subs = {sympy.Symbol(k, **a): v for k, v in values.items()
+                for a in ({"integer": True}, {"integer": True, "positive": True},
+                          {"integer": True, "nonnegative": True}, {"real": True})}
+        low, high = self.low.subs(subs), self.high.subs(subs)
+        if not (low.is_number and high.is_number):
+            return None
+        return int(sympy.floor(low)), int(sympy.ceiling(high))
+
+
+def index_ranges(spec: CheckedSpec) -> list[IndexRange]:
+    """Every (tensor, dimension, index expression) of the spec with its range."""
+    symbols = Symbols(spec)
+    extents = {
+        "b": (0, symbols[N_BATCH] - 1), "h": (0, symbols[N_HEADS] - 1),
+        "q": (0, symbols["q_len"] - 1), "kv": (0, symbols["kv_len"] - 1),
+    }
+    out, seen = [], set()
+    for tensor in spec.signature.tensors.values():
+        for use in tensor.uses:
+            for dim, index in enumerate(use.indices):
+                key = (tensor.name, dim, index)
+                if key in seen:
+                    continue
+                seen.add(key)
+                low_high = _range(index, symbols, extents)
+                low, high = low_high if low_high else (None, None)
+                out.append(IndexRange(tensor.name, dim, index, low, high))
+    return out
+
+
+def _range(node: ir.Expr, symbols: Symbols, extents) -> tuple | None:
+    expression = sympy.expand(to_sympy(node, symbols))
+    if symbols.lookups:
+        symbols.lookups.clear()
+        if _has_lookup(node):
+            return None
+    variables = [symbols[n] for n in ir.POSITIONS]
+    poly = sympy.Poly(expression, *variables) if expression.is_polynomial(*variables) else None
+    if poly is not None and poly.total_degree() <= 1:
+        low = high = poly.as_expr().subs({v: 0 for v in variables})
+        for name, v in zip(ir.POSITIONS, variables):
+            coefficient = poly.coeff_monomial(v)
+            if coefficient == 0:
+                continue
+            lo, hi = extents[name]
+            if coefficient.is_positive:
+                low, high = low + coefficient * lo, high + coefficient * hi
+            elif coefficient.is_negative:
+                low, high = low + coefficient * hi, high + coefficient * lo
+            else:
+                return _interval(node, symbols, extents)
+        return sympy.simplify(low), sympy.simplify(high)
+    return _interval(node, symbols, extents)
+
+
+def _has_lookup(node: ir.Expr) -> bool:
+    return any(isinstance(n, ir.Lookup) for n in ir.walk(node))
+
+
+def _interval(node: ir.Expr, symbols: Symbols, extents) -> tuple | None:
+    """Sound interval bounds by structural recursion, for non-affine indices."""
+    if isinstance(node, ir.Num):
+        return sympy.Integer(node.value), sympy.Integer(node.value)
+    if isinstance(node, ir.Name):
+        if node.id in extents:
+            return extents[node.id]
+        s = symbols[node.id]
+        return s, s
+    if isinstance(node, ir.Unary) and node.op == "-":
+        inner = _interval(node.operand, symbols, extents)
+        return None if inner is None else (-inner[1], -inner[0])
+    if isinstance(node, ir.Binary):
+        a = _interval(node.left, symbols, extents)
+        b = _interval(node.right, symbols, extents)
+        if a is None or b is None:
+            return None
+        if node.op == "+":
+            return a[0] + b[0], a[1] + b[1]
+        if node.op == "-":
+            return a[0] - b[1], a[1] - b[0]
+        if node.op == "*":
+            corners = [x * y for x in a for y in b]
+            return sympy.Min(*corners), sympy.Max(*corners)
+        if node.op == "//" and b[0] == b[1] and b[0].is_positive:
+            return sympy.floor(a[0] / b[0]), sympy.floor(a[1] / b[0])
+        if node.op == "%" and b[0] == b[1]:
+            return sympy.Integer(0), b[0] - 1
+        return None
+    if isinstance(node, ir.Call):
+        args = [_interval(a, symbols, extents) for a in node.args]
+        if any(a is None for a in args):
+            return None
+        if node.func == "abs":
+            (lo, hi), = args
+            return sympy.Max(0, lo, -hi), sympy.Max(-lo, hi)
+        if node.func in ("min", "max"):
+            f = sympy.Min if node.func == "min" else sympy.Max
+            return f(*(a[0] for a in args)), f(*(a[1] for a in args))
+        if node.func == "clamp":
+            (x_lo, x_hi), (lo_lo, _), (_, hi_hi) = args
+            return sympy.Max(x_lo, lo_lo), sympy.Min(x_hi, hi_hi)
+        return None
+    if isinstance(node, ir.IfElse):
+        a = _interval(node.then, symbols, extents)
+        b = _interval(node.orelse, symbols, extents)
+        if a is None or b is None:
+            return None
+        return sympy.Min(a[0], b[0]), sympy.Max(a[1], b[1])
+    return None

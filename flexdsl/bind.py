@@ -1,0 +1,217 @@
+"""A call's inputs judged against a spec's signature: q, k, v, parameters and tensors.
+
+Everything a call can get wrong is a SpecCallError naming the tensor or parameter, and where a
+spec element is at fault (a parameter's first use, an index too large for its tensor), the
+caret points at it.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from . import ir
+from .analysis import IndexRange
+from .check import FLOAT, INT, CheckedSpec
+from .errors import SpecCallError
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+@dataclass
+class Bound:
+    """A validated call: inputs, concrete parameters and tensors, and the problem's shape."""
+    spec: CheckedSpec
+    q: Any
+    k: Any
+    v: Any
+    scale: float
+    params: dict[str, int | float]
+    tensors: dict[str, Any]
+
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def q_len(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def kv_len(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[3]
+
+    def values(self) -> dict[str, int | float]:
+        """Lengths, extents and parameters by name, for closed-form formulas."""
+        return {"q_len": self.q_len, "kv_len": self.kv_len, "n_batch": self.batch,
+                "n_heads": self.heads, **self.params}
+
+
+def check_parameter(spec: CheckedSpec, name: str, value) -> int | float:
+    """``value`` as the parameter ``name`` wants it, or a SpecCallError saying why not."""
+    param = spec.signature.params[name]
+    text = spec.text
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or _is_tensor(value):
+        raise SpecCallError(
+            f"parameter '{name}' must be a Python number, got {type(value).__name__}",
+            spec=text, span=param.span,
+            hint="parameters are scalars; a per-head or per-position value is a tensor, "
+                 f"indexed in the spec like {name.lower()}s[h]")
+    if param.dtype == INT:
+        if not isinstance(value, numbers.Integral):
+            raise SpecCallError(f"parameter '{name}' is an int, got {value!r}", spec=text,
+                                span=param.span,
+                                hint=f"'{name}' is used where only integers make sense "
+                                     "(an index, '//', '%', or compared with positions); "
+                                     "pass an int")
+        return int(value)
+    value = float(value)
+    if math.isnan(value):
+        raise SpecCallError(f"parameter '{name}' is NaN", spec=text, span=param.span)
+    return value
+
+
+def bind(spec: CheckedSpec, ranges: list[IndexRange], q, k, v, *, scale=None,
+         defaults: Mapping[str, Any] | None = None,
+         given: Mapping[str, Any] | None = None) -> Bound:
+    """Validate a call. ``defaults`` were bound at compile time; ``given`` at the call."""
+    text = spec.text
+    _check_qkv(q, k, v, text)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise SpecCallError(f"scale must be a number, got {type(scale).__name__}", spec=text)
+    names = {**(defaults or {}), **(given or {})}
+    check_names(spec, names)
+    params, tensors = {}, {}
+    for name, param in spec.signature.params.items():
+        if name not in names:
+            raise SpecCallError(
+                f"missing parameter '{name}' ({param.dtype})", spec=text, span=param.span,
+                hint=f"pass {name}=... to flexdsl.compile(...) or to the call")
+        params[name] = check_parameter(spec, name, names[name])
+    for name, tensor in spec.signature.tensors.items():
+        use = tensor.uses[0]
+        if name not in names:
+            raise SpecCallError(
+                f"missing tensor '{name}' ({tensor.dtype}, rank {tensor.rank})", spec=text,
+                span=use.span, hint=f"pass {name}=<tensor> to the call")
+        tensors[name] = _check_tensor(spec, name, names[name], q)
+    bound = Bound(spec, q, k, v, float(scale), params, tensors)
+    _check_ranges(bound, ranges)
+    return bound
+
+
+def check_names(spec: CheckedSpec, names: Mapping[str, Any]) -> None:
+    known = [*spec.signature.params, *spec.signature.tensors]
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = (f"did you mean '{close[0]}'?" if close else
+                    f"this spec takes {', '.join(known)}" if known else
+                    "this spec takes no parameters or tensors")
+            raise SpecCallError(f"unknown parameter or tensor '{name}'", spec=spec.text,
+                                hint=hint)
+
+
+def _is_tensor(value) -> bool:
+    return type(value).__module__.startswith("torch") and hasattr(value, "shape")
+
+
+def _check_qkv(q, k, v, text: str) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not _is_tensor(t):
+            raise SpecCallError(f"{name} must be a torch.Tensor, got {type(t).__name__}",
+                                spec=text)
+        if t.dim() != 4:
+            raise SpecCallError(
+                f"{name} must have 4 dimensions (batch, heads, length, head_dim), "
+                f"got shape {tuple(t.shape)}", spec=text)
+        if str(t.dtype).replace("torch.", "") not in FLOAT_DTYPES:
+            raise SpecCallError(f"{name} has dtype {t.dtype}; flexdsl takes float16, "
+                                f"bfloat16, float32 or float64", spec=text)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise SpecCallError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, "
+                            f"{v.dtype}", spec=text, hint="cast them to one dtype")
+    if not (q.device == k.device == v.device):
+        raise SpecCallError(f"q, k and v must be on one device, got {q.device}, {k.device}, "
+                            f"{v.device}", spec=text)
+    if k.shape != v.shape[:3] + k.shape[3:] or k.shape[:3] != v.shape[:3]:
+        raise SpecCallError(f"k and v must agree in batch, heads and length, got "
+                            f"{tuple(k.shape)} and {tuple(v.shape)}", spec=text)
+    if q.shape[0] != k.shape[0]:
+        raise SpecCallError(f"q and k have batch sizes {q.shape[0]} and {k.shape[0]}",
+                            spec=text)
+    if q.shape[3] != k.shape[3]:
+        raise SpecCallError(f"q and k have head dims {q.shape[3]} and {k.shape[3]}",
+                            spec=text)
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise SpecCallError(
+            f"q has {q.shape[1]} heads, k and v {k.shape[1]}: for grouped-query attention "
+            f"the query heads must be a multiple of the key heads", spec=text)
+
+
+def _check_tensor(spec: CheckedSpec, name: str, value, q):
+    tensor = spec.signature.tensors[name]
+    span = tensor.uses[0].span
+    text = spec.text
+    if not _is_tensor(value):
+        raise SpecCallError(f"'{name}' must be a torch.Tensor, got {type(value).__name__}",
+                            spec=text, span=span)
+    if value.dim() != tensor.rank:
+        raise SpecCallError(
+            f"'{name}' is indexed with {tensor.rank} index{'es' if tensor.rank > 1 else ''} "
+            f"in the spec but has {value.dim()} dimensions (shape {tuple(value.shape)})",
+            spec=text, span=span)
+    if tensor.dtype == INT and (value.is_floating_point() or value.is_complex()
+                                or value.dtype.__str__() == "torch.bool"):
+        raise SpecCallError(f"'{name}' must hold integers, got {value.dtype}", spec=text,
+                            span=span, hint=f"'{name}' is compared or used as an index; "
+                                            f"pass {name}.long()")
+    if tensor.dtype == FLOAT and not value.is_floating_point():
+        raise SpecCallError(f"'{name}' must hold floats, got {value.dtype}", spec=text,
+                            span=span, hint=f"it is combined with the score; pass "
+                                            f"{name}.float()")
+    if value.device != q.device:
+        raise SpecCallError(f"'{name}' is on {value.device} but q is on {q.device}",
+                            spec=text, span=span, hint=f"move it: {name}.to(q.device)")
+    return value
+
+
+def _check_ranges(bound: Bound, ranges: list[IndexRange]) -> None:
+    if bound.q_len == 0 or bound.kv_len == 0:
+        return
+    values = bound.values()
+    lengths = f"q_len={bound.q_len}, kv_len={bound.kv_len}"
+    for r in ranges:
+        limits = r.bounds(values)
+        if limits is None:
+            continue
+        low, high = limits
+        size = bound.tensors[r.tensor].shape[r.dim]
+        text = ir.unparse(r.index)
+        if low < 0:
+            raise SpecCallError(
+                f"index '{text}' of '{r.tensor}' goes down to {low} ({lengths}); "
+                "tensors cannot be indexed below 0", spec=bound.spec.text, span=r.index.span,
+                hint="shift the index so that it starts at 0 (e.g. add kv_len)")
+        if high >= size:
+            raise SpecCallError(
+                f"'{r.tensor}' is too short: dimension {r.dim} has size {size}, but index "
+                f"'{text}' reaches {high} ({lengths}), so it needs size >= {high + 1}",
+                spec=bound.spec.text, span=r.index.span,
+                hint=f"'{text}' spans [{r.low}, {r.high}]")

@@ -1,0 +1,196 @@
+"""Spec expressions evaluated with torch ops on broadcast position grids.
+
+The dense reference evaluates a spec over the whole (B, H, Sq, Skv) grid; the CPU path evaluates
+it over one tile at a time. Both use this evaluator, so it is written for clarity, not speed:
+every leaf becomes a tensor, int values are int64 and float values take ``float_dtype``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from . import ir
+from .errors import SpecCallError
+
+
+@dataclass
+class Grid:
+    """The values of the free names for one evaluation.
+
+    ``positions`` maps b, h, q, kv (and q_len, kv_len) to int64 tensors that broadcast against
+    each other; ``score`` is the scaled q·kᵀ on the same grid, if the expression needs it.
+    """
+    positions: Mapping[str, torch.Tensor]
+    params: Mapping[str, float | int]
+    tensors: Mapping[str, torch.Tensor]
+    float_dtype: torch.dtype
+    score: torch.Tensor | None = None
+    spec_text: str = ""
+
+
+def evaluate(node: ir.Expr, grid: Grid) -> torch.Tensor:
+    """The value of ``node`` on ``grid``: int64, bool or ``grid.float_dtype``."""
+    return _Evaluator(grid).visit(node)
+
+
+_FLOAT_FUNCTIONS = {
+    "exp": torch.exp, "exp2": torch.exp2, "log": torch.log, "log2": torch.log2,
+    "sqrt": torch.sqrt, "rsqrt": torch.rsqrt, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+}
+_COMPARISONS = {"==": torch.eq, "!=": torch.ne, "<": torch.lt, "<=": torch.le,
+                ">": torch.gt, ">=": torch.ge}
+
+
+class _Evaluator:
+    def __init__(self, grid: Grid):
+        self.grid = grid
+        some = next(iter(grid.positions.values()))
+        self.device = some.device
+
+    def scalar(self, value) -> torch.Tensor:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(value)
+        dtype = torch.int64 if isinstance(value, int) else self.grid.float_dtype
+        return torch.tensor(value, dtype=dtype, device=self.device)
+
+    def floating(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.is_floating_point() else x.to(self.grid.float_dtype)
+
+    def visit(self, node: ir.Expr) -> torch.Tensor:
+        return getattr(self, "visit_" + type(node).__name__)(node)
+
+    def visit_Num(self, node):
+        return self.scalar(node.value)
+
+    def visit_Const(self, node):
+        return self.scalar(float(ir.CONSTANTS[node.name]))
+
+    def visit_Name(self, node):
+        if node.id == ir.SCORE:
+            return self.grid.score
+        if node.id in self.grid.positions:
+            return self.grid.positions[node.id]
+        return self.scalar(self.grid.params[node.id])
+
+    def visit_Lookup(self, node):
+        table = self.grid.tensors[node.tensor]
+        indices = [self.visit(i) for i in node.indices]
+        for dim, (index, expression) in enumerate(zip(indices, node.indices)):
+            if index.numel() == 0:
+                continue
+            low, high = int(index.min()), int(index.max())
+            if low < 0 or high >= table.shape[dim]:
+                raise SpecCallError(
+                    f"index out of range: {node.tensor}[{', '.join(map(ir.unparse, node.indices))}]"
+                    f" reaches {low if low < 0 else high} in dimension {dim}, whose size is "
+                    f"{table.shape[dim]}", spec=self.grid.spec_text, span=expression.span,
+                    hint=f"pass a larger '{node.tensor}', or keep the index in range")
+        indices = torch.broadcast_tensors(*indices)
+        value = table[tuple(indices)]
+        return value if not value.is_floating_point() else value.to(self.grid.float_dtype)
+
+    def visit_Unary(self, node):
+        operand = self.visit(node.operand)
+        return torch.logical_not(operand) if node.op == "not" else torch.neg(operand)
+
+    def visit_Binary(self, node):
+        left, right = self.visit(node.left), self.visit(node.right)
+        op = node.op
+        if op == "and":
+            return torch.logical_and(left, right)
+        if op == "or":
+            return torch.logical_or(left, right)
+        if op == "+":
+            return left + right
+        if op == "-":
+            return left - right
+        if op == "*":
+            return left * right
+        if op == "/":
+            return self.floating(left) / self.floating(right)
+        if op in ("//", "%"):
+            if bool((right == 0).any()):
+                raise SpecCallError(f"division by zero in '{ir.unparse(node)}'",
+                                    spec=self.grid.spec_text, span=node.right.span,
+                                    hint="check the parameters passed for this spec")
+            if op == "//":
+                return torch.div(left, right, rounding_mode="floor")
+            return torch.remainder(left, right)
+        if op == "**":
+            exact = isinstance(node.right, ir.Num) and isinstance(node.right.value, int)
+            if exact and not left.is_floating_point():
+                return torch.pow(left, right)
+            return torch.pow(self.floating(left), self.floating(right))
+        raise AssertionError(op)
+
+    def visit_Compare(self, node):
+        values = [self.visit(o) for o in node.operands]
+        result = None
+        for op, left, right in zip(node.ops, values, values[1:]):
+            part = _COMPARISONS[op](left, right)
+            result = part if result is None else torch.logical_and(result, part)
+        return result
+
+    def visit_Call(self, node):
+        args = [self.visit(a) for a in node.args]
+        f = node.func
+        if f in _FLOAT_FUNCTIONS:
+            return _FLOAT_FUNCTIONS[f](self.floating(args[0]))
+        if f == "abs":
+            return torch.abs(args[0])
+        if f in ("floor", "ceil"):
+            x = args[0]
+            if not x.is_floating_point():
+                return x
+            return (torch.floor(x) if f == "floor" else torch.ceil(x)).to(torch.int64)
+        args = _promote(args)
+        if f == "min":
+            out = args[0]
+            for a in args[1:]:
+                out = torch.minimum(out, a)
+            return out
+        if f == "max":
+            out = args[0]
+            for a in args[1:]:
+                out = torch.maximum(out, a)
+            return out
+        if f == "clamp":
+            x, low, high = args
+            return torch.minimum(torch.maximum(x, low), high)
+        raise AssertionError(f)
+
+    def visit_IfElse(self, node):
+        test, then, orelse = self.visit(node.test), self.visit(node.then), self.visit(node.orelse)
+        then, orelse = _promote([then, orelse])
+        return torch.where(test, then, orelse)
+
+
+def _promote(values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One dtype for torch.minimum / maximum / where, as Python's arithmetic would pick."""
+    dtype = values[0].dtype
+    for v in values[1:]:
+        dtype = torch.promote_types(dtype, v.dtype)
+    return [v.to(dtype) for v in values]
+
+
+def positions(batch: int, heads: int, q_len: int, kv_len: int, device,
+              q_start: int = 0, q_stop: int | None = None,
+              kv_start: int = 0, kv_stop: int | None = None) -> dict[str, torch.Tensor]:
+    """b, h, q, kv as (B,1,1,1), (1,H,1,1), (1,1,M,1), (1,1,1,N) grids, and the lengths."""
+    q_stop = q_len if q_stop is None else q_stop
+    kv_stop = kv_len if kv_stop is None else kv_stop
+    arange = lambda a, b: torch.arange(a, b, device=device, dtype=torch.int64)  # noqa: E731
+    return {
+        "b": arange(0, batch).view(-1, 1, 1, 1),
+        "h": arange(0, heads).view(1, -1, 1, 1),
+        "q": arange(q_start, q_stop).view(1, 1, -1, 1),
+        "kv": arange(kv_start, kv_stop).view(1, 1, 1, -1),
+        "q_len": torch.tensor(q_len, device=device),
+        "kv_len": torch.tensor(kv_len, device=device),
+    }
+
+
+__all__ = ["Grid", "evaluate", "positions", "math"]

@@ -1,0 +1,1 @@
+"""Execution: the chunked PyTorch path for CPUs and the Triton kernels for GPUs."""
