@@ -89,3 +89,120 @@ def to_sympy(node: ir.Expr, symbols: Symbols):
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text)
+
+
+def to_ir(expr, symbols: Symbols) -> ir.Expr:
+    """sympy -> IR, so derived formulas print in the spec's language and reuse its evaluators.
+
+    ``floor(n/d)`` and ``ceiling(n/d)`` with integer ``n`` and ``d`` become ``//``, so bounds
+    stay exact integers; lookup symbols become the lookups they stand for.
+    """
+    names = {s: n for n, s in symbols.table.items()}
+    return _to_ir(sympy.sympify(expr), names, symbols.lookups)
+
+
+def _to_ir(e, names, lookups) -> ir.Expr:
+    if e in lookups:
+        return lookups[e]
+    if isinstance(e, sympy.Symbol):
+        return ir.Name(names[e])
+    if e is sympy.oo:
+        return ir.Const("inf")
+    if e is -sympy.oo:
+        return ir.Unary("-", ir.Const("inf"))
+    if e is sympy.pi:
+        return ir.Const("pi")
+    if e.is_Integer:
+        value = int(e)
+        return ir.Num(value) if value >= 0 else ir.Unary("-", ir.Num(-value))
+    if e.is_Rational:
+        return ir.Binary("/", _to_ir(e.p, names, lookups), _to_ir(e.q, names, lookups))
+    if e.is_Float:
+        value = float(e)
+        return ir.Num(value) if value >= 0 else ir.Unary("-", ir.Num(-value))
+    if isinstance(e, sympy.Add):
+        terms = sorted(e.args, key=_term_order)
+        out = _to_ir(terms[0], names, lookups)
+        for term in terms[1:]:
+            coefficient, rest = term.as_coeff_Mul()
+            if coefficient.is_negative:
+                out = ir.Binary("-", out, _to_ir(-term, names, lookups))
+            else:
+                out = ir.Binary("+", out, _to_ir(term, names, lookups))
+        return out
+    if isinstance(e, sympy.Mul):
+        coefficient, rest = e.as_coeff_Mul()
+        if coefficient.is_negative:
+            return ir.Unary("-", _to_ir(-e, names, lookups))
+        numerator, denominator = sympy.fraction(e)
+        if denominator != 1:
+            return ir.Binary("/", _to_ir(numerator, names, lookups),
+                             _to_ir(denominator, names, lookups))
+        factors = list(e.args)
+        out = _to_ir(factors[0], names, lookups)
+        for factor in factors[1:]:
+            out = ir.Binary("*", out, _to_ir(factor, names, lookups))
+        return out
+    if isinstance(e, sympy.Pow):
+        base, exponent = e.args
+        if exponent == -1:
+            return ir.Binary("/", ir.Num(1.0), _to_ir(base, names, lookups))
+        if exponent == sympy.Rational(1, 2):
+            return ir.Call("sqrt", (_to_ir(base, names, lookups),))
+        if exponent == -sympy.Rational(1, 2):
+            return ir.Call("rsqrt", (_to_ir(base, names, lookups),))
+        if base == 2:
+            return ir.Call("exp2", (_to_ir(exponent, names, lookups),))
+        return ir.Binary("**", _to_ir(base, names, lookups), _to_ir(exponent, names, lookups))
+    if isinstance(e, (sympy.floor, sympy.ceiling)):
+        numerator, denominator = sympy.fraction(sympy.together(e.args[0]))
+        if denominator != 1 and numerator.is_integer and denominator.is_integer:
+            if isinstance(e, sympy.floor):
+                return ir.Binary("//", _to_ir(numerator, names, lookups),
+                                 _to_ir(denominator, names, lookups))
+            # ceil(n / d) == -((-n) // d)
+            return ir.Unary("-", ir.Binary("//", _to_ir(sympy.expand(-numerator), names, lookups),
+                                           _to_ir(denominator, names, lookups)))
+        func = "floor" if isinstance(e, sympy.floor) else "ceil"
+        return ir.Call(func, (_to_ir(e.args[0], names, lookups),))
+    if isinstance(e, sympy.Mod):
+        return ir.Binary("%", _to_ir(e.args[0], names, lookups), _to_ir(e.args[1], names, lookups))
+    if isinstance(e, (sympy.Min, sympy.Max)):
+        func = "min" if isinstance(e, sympy.Min) else "max"
+        return ir.Call(func, tuple(_to_ir(a, names, lookups) for a in e.args))
+    if isinstance(e, sympy.Abs):
+        return ir.Call("abs", (_to_ir(e.args[0], names, lookups),))
+    simple = {sympy.exp: "exp", sympy.log: "log", sympy.tanh: "tanh"}
+    for kind, func in simple.items():
+        if isinstance(e, kind):
+            return ir.Call(func, (_to_ir(e.args[0], names, lookups),))
+    if isinstance(e, sympy.Piecewise):
+        (value, condition), *rest = e.args
+        if not rest or condition is sympy.true:
+            return _to_ir(value, names, lookups)
+        return ir.IfElse(_to_ir(value, names, lookups), _to_ir(condition, names, lookups),
+                         _to_ir(sympy.Piecewise(*rest), names, lookups))
+    relations = {sympy.Eq: "==", sympy.Ne: "!=", sympy.Lt: "<", sympy.Le: "<=",
+                 sympy.Gt: ">", sympy.Ge: ">="}
+    for kind, op in relations.items():
+        if isinstance(e, kind):
+            return ir.Compare((_to_ir(e.lhs, names, lookups), _to_ir(e.rhs, names, lookups)),
+                              (op,))
+    if isinstance(e, (sympy.And, sympy.Or)):
+        op = "and" if isinstance(e, sympy.And) else "or"
+        args = [_to_ir(a, names, lookups) for a in e.args]
+        out = args[0]
+        for a in args[1:]:
+            out = ir.Binary(op, out, a)
+        return out
+    if isinstance(e, sympy.Not):
+        return ir.Unary("not", _to_ir(e.args[0], names, lookups))
+    if e is sympy.true or e is sympy.false:
+        return ir.Compare((ir.Num(0), ir.Num(0)), ("==" if e is sympy.true else "!=",))
+    raise NotImplementedError(f"no spec form for {e!r}")
+
+
+def _term_order(term):
+    """Positive terms first, so that ``q - kv`` prints as such rather than ``-kv + q``."""
+    coefficient, _ = term.as_coeff_Mul()
+    return (bool(coefficient.is_negative), bool(term.is_number), str(term))

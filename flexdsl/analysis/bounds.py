@@ -1,0 +1,315 @@
+"""The mask solved for one position variable: per-row bounds, in closed form.
+
+The mask is put in disjunctive normal form over its comparisons. In each conjunction, every
+comparison that can be solved for the column variable (``kv`` when rows are queries, ``q`` when
+rows are keys) becomes a lower or an upper bound on it, written as an expression of the row
+variable, the lengths and the parameters::
+
+    0 <= q - kv < W     ->   kv >= q - W + 1,  kv <= q
+
+Solvable means ``beta * col + A(row) OP 0`` or ``beta * (col // C) + A(row) OP 0`` with integer
+``beta`` and a positive integer literal ``C``; ``A`` may be anything without the column variable,
+lookups of the row variable included. Comparisons that mention only the row variable filter
+rows. Sorted lookups ``doc[q] == doc[kv]`` give a per-row range read from two O(S) tensors made
+at call time. Everything else is *residual*: the mask is still evaluated for it, and the
+reason is kept so ``flexdsl check`` can say why a tile stays PARTIAL.
+
+Bounds are IR expressions, so they print in the spec's own language and run through the same
+evaluators (torch for plans, Triton for kernels).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+from .. import ir
+from ..check import INT, CheckedSpec
+from .symbolic import Symbols, to_ir, to_sympy
+
+# Above this many conjunctions the analysis gives up (soundly: the whole mask is residual).
+MAX_CONJUNCTIONS = 8
+
+_FLIP = {"<": ">=", "<=": ">", ">": "<=", ">=": "<", "==": "!=", "!=": "=="}
+_MIRROR = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}
+
+
+@dataclass(frozen=True)
+class Documents:
+    """``T[..., row] == T[..., col]``: when T is sorted, col lies in the run of T[..., row].
+
+    ``lower`` and ``upper`` are lookups of two derived tensors (``T__lo_kv``, ``T__hi_kv`` for
+    rows that are queries) that the call fills in O(S); ``tensor`` and ``lead`` say how.
+    """
+    tensor: str
+    lead: tuple[ir.Expr, ...]   # indices before the position (e.g. b), the same on both sides
+    lower: ir.Lookup
+    upper: ir.Lookup
+
+
+@dataclass(frozen=True)
+class Conjunction:
+    """One term of the mask's DNF, solved for the column variable."""
+    lower: tuple[ir.Expr, ...]          # col >= each
+    upper: tuple[ir.Expr, ...]          # col <= each
+    rows: tuple[ir.Expr, ...]           # conditions on the row alone
+    documents: tuple[Documents, ...]
+    residual: tuple[tuple[ir.Expr, str], ...]   # (comparison, why it is not a bound)
+
+    @property
+    def exact(self) -> bool:
+        """Whether the bounds alone decide the conjunction (then FULL tiles need no mask)."""
+        return not self.residual
+
+
+@dataclass(frozen=True)
+class Solved:
+    """The mask solved for ``col`` with rows indexed by ``row``."""
+    row: str
+    col: str
+    conjunctions: tuple[Conjunction, ...]
+    positive: tuple[str, ...] = ()   # parameters that must be > 0 for the bounds to hold
+
+    @property
+    def exact(self) -> bool:
+        return all(c.exact for c in self.conjunctions)
+
+    def describe(self) -> list[str]:
+        lines = []
+        for i, c in enumerate(self.conjunctions):
+            low = _combine("max", c.lower + tuple(d.lower for d in c.documents))
+            high = _combine("min", c.upper + tuple(d.upper for d in c.documents))
+            low_text = "0" if low is None else ir.unparse(low)
+            high_text = f"{self.col}_len - 1" if high is None else ir.unparse(high)
+            head = "or " if i else ""
+            line = f"{head}{self.col} in [{low_text}, {high_text}]"
+            if c.rows:
+                line += " when " + " and ".join(ir.unparse(r) for r in c.rows)
+            lines.append(line)
+            for d in c.documents:
+                lines.append(f"    {d.lower.tensor} and {d.upper.tensor}: the run of "
+                             f"{d.tensor} holding {self.row} (exact when {d.tensor} is sorted)")
+            for atom, why in c.residual:
+                lines.append(f"    partial: {ir.unparse(atom)}: {why}")
+        return lines
+
+
+def _combine(func: str, parts: tuple[ir.Expr, ...]) -> ir.Expr | None:
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    return ir.Call(func, parts)
+
+
+def solve(spec: CheckedSpec, row: str, col: str) -> Solved:
+    """Solve the mask of ``spec`` for ``col`` ("kv" or "q"), rows indexed by ``row``."""
+    if spec.spec.mask is None:
+        return Solved(row, col, (Conjunction((), (), (), (), ()),))
+    terms = _dnf(spec.spec.mask, spec, negate=False)
+    if terms is None:
+        reason = f"more than {MAX_CONJUNCTIONS} alternatives after expanding 'or'"
+        whole = Conjunction((), (), (), (), ((spec.spec.mask, reason),))
+        return Solved(row, col, (whole,))
+    solver = _Solver(spec, row, col)
+    conjunctions = tuple(solver.conjunction(t) for t in terms)
+    return Solved(row, col, conjunctions, tuple(sorted(solver.positive)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Disjunctive normal form over single comparisons.
+
+def _dnf(node: ir.Expr, spec: CheckedSpec, negate: bool) -> list[list[ir.Expr]] | None:
+    if isinstance(node, ir.Unary) and node.op == "not":
+        return _dnf(node.operand, spec, not negate)
+    if isinstance(node, ir.Binary) and node.op in ("and", "or"):
+        left, right = _dnf(node.left, spec, negate), _dnf(node.right, spec, negate)
+        if left is None or right is None:
+            return None
+        conjunctive = (node.op == "and") != negate
+        if conjunctive:
+            out = [a + b for a in left for b in right]
+        else:
+            out = left + right
+        return out if len(out) <= MAX_CONJUNCTIONS else None
+    if isinstance(node, ir.Compare):
+        pairs = [(node.operands[i], op, node.operands[i + 1]) for i, op in enumerate(node.ops)]
+        if negate:  # not (a < b < c) == a >= b or b >= c
+            out = []
+            for a, op, b in pairs:
+                out.extend(_atom(a, _FLIP[op], b, spec))
+            return out if len(out) <= MAX_CONJUNCTIONS else None
+        out = [[]]
+        for a, op, b in pairs:
+            out = [c + d for c in out for d in _atom(a, op, b, spec)]
+        return out if len(out) <= MAX_CONJUNCTIONS else None
+    if isinstance(node, ir.IfElse):  # (test and then) or (not test and orelse)
+        expanded = ir.Binary("or", ir.Binary("and", node.test, node.then),
+                             ir.Binary("and", ir.Unary("not", node.test), node.orelse))
+        return _dnf(expanded, spec, negate)
+    raise TypeError(f"not a condition: {ir.unparse(node)}")
+
+
+def _atom(a: ir.Expr, op: str, b: ir.Expr, spec: CheckedSpec) -> list[list[ir.Expr]]:
+    """One comparison as DNF; integer ``!=`` splits into ``<`` or ``>`` so each side bounds,
+    and ``abs(x) <= w`` becomes ``x <= w and -x <= w`` (``>=``: ``x >= w or -x >= w``)."""
+    if _is_abs(b) and not _is_abs(a):
+        a, op, b = b, _MIRROR[op], a
+    if _is_abs(a) and op in ("<", "<=", ">", ">="):
+        x = a.args[0]
+        pair = [ir.Compare((x, b), (op,)), ir.Compare((ir.Unary("-", x), b), (op,))]
+        return [pair] if op in ("<", "<=") else [[pair[0]], [pair[1]]]
+    if op == "!=" and spec.type_of(a) == INT and spec.type_of(b) == INT:
+        return [[ir.Compare((a, b), ("<",))], [ir.Compare((a, b), (">",))]]
+    return [[ir.Compare((a, b), (op,))]]
+
+
+# ----------------------------------------------------------------------------------------------
+
+class _Solver:
+    def __init__(self, spec: CheckedSpec, row: str, col: str):
+        self.spec = spec
+        self.row, self.col = row, col
+        self.symbols = Symbols(spec)
+        self.positive: set[str] = set()   # parameters the bounds divide by
+
+    def conjunction(self, atoms: list[ir.Compare]) -> Conjunction:
+        lower, upper, rows, documents, residual = [], [], [], [], []
+        for atom in atoms:
+            kind, payload = self.atom(atom)
+            if kind == "bounds":
+                lows, highs = payload
+                lower.extend(lows)
+                upper.extend(highs)
+            elif kind == "row":
+                rows.append(atom)
+            elif kind == "documents":
+                documents.append(payload)
+            else:
+                residual.append((atom, payload))
+        return Conjunction(tuple(_unique(lower)), tuple(_unique(upper)), tuple(_unique(rows)),
+                           tuple(documents), tuple(residual))
+
+    def atom(self, atom: ir.Compare):
+        (a, b), (op,) = atom.operands, atom.ops
+        uses_col = self.mentions(atom, self.col)
+        if not uses_col:
+            if self.lookup_mentions(atom, self.row) or not self.lookup_free(atom):
+                # Row filters with data in them are fine per row, but keep it simple and sound.
+                return "residual", "a lookup decides it; evaluated as a mask"
+            return "row", None
+        documents = self.documents(a, op, b)
+        if documents is not None:
+            return "documents", documents
+        if any(isinstance(n, ir.Lookup) and self.mentions(n, self.col) for n in ir.walk(atom)):
+            return "residual", (f"a lookup indexed by {self.col} is not a range of "
+                                f"{self.col} (only sorted 'T[{self.row}] == T[{self.col}]' is)")
+        if self.spec.type_of(a) != INT or self.spec.type_of(b) != INT:
+            try:
+                return self.isolate(a, op, b)
+            except _NotSolvable as why:
+                return "residual", str(why)
+        try:
+            return self.isolate(a, op, b)
+        except _NotSolvable as why:
+            return "residual", str(why)
+
+    def mentions(self, node: ir.Expr, name: str) -> bool:
+        return any(isinstance(n, ir.Name) and n.id == name for n in ir.walk(node))
+
+    def lookup_mentions(self, node: ir.Expr, name: str) -> bool:
+        return any(isinstance(n, ir.Lookup) and self.mentions(n, name) for n in ir.walk(node))
+
+    def lookup_free(self, node: ir.Expr) -> bool:
+        return not any(isinstance(n, ir.Lookup) for n in ir.walk(node))
+
+    def documents(self, a: ir.Expr, op: str, b: ir.Expr) -> Documents | None:
+        if op != "==" or not (isinstance(a, ir.Lookup) and isinstance(b, ir.Lookup)):
+            return None
+        if a.tensor != b.tensor or len(a.indices) != len(b.indices):
+            return None
+        *lead_a, last_a = a.indices
+        *lead_b, last_b = b.indices
+        if lead_a != lead_b or any(self.mentions(i, "q") or self.mentions(i, "kv")
+                                   for i in lead_a):
+            return None
+        ends = {last_a, last_b}
+        if ends != {ir.Name(self.row), ir.Name(self.col)}:
+            return None
+        lead = tuple(lead_a)
+        row_index = (*lead, ir.Name(self.row))
+        lower = ir.Lookup(f"{a.tensor}__lo_{self.col}", row_index)
+        upper = ir.Lookup(f"{a.tensor}__hi_{self.col}", row_index)
+        return Documents(a.tensor, lead, lower, upper)
+
+    def isolate(self, a: ir.Expr, op: str, b: ir.Expr):
+        """``a OP b`` as bounds on the column variable."""
+        col = self.symbols[self.col]
+        self.symbols.lookups.clear()
+        expression = sympy.expand(to_sympy(a, self.symbols) - to_sympy(b, self.symbols))
+        rest, part = expression.as_independent(col, as_Add=True)
+        beta, unit = part.as_coeff_Mul()
+        scale = 1
+        if unit == col:
+            pass
+        elif isinstance(unit, sympy.floor) and _floor_divisor(unit.args[0], col) is not None:
+            scale = _floor_divisor(unit.args[0], col)
+            if isinstance(scale, sympy.Symbol):
+                self.positive.add(str(scale))
+        else:
+            raise _NotSolvable(f"not of the form a*{self.col} + f({self.row}) "
+                               f"or a*({self.col} // C) + f({self.row}) with integer a and a "
+                               f"positive literal C")
+        if not (beta.is_Integer and beta != 0):
+            raise _NotSolvable(f"the coefficient of {self.col} is {beta}, not a nonzero integer")
+        if op in ("!=",):
+            raise _NotSolvable("'!=' of floats is not a range")
+        if beta < 0:
+            beta, rest, op = -beta, -rest, _MIRROR[op]
+        # beta * unit + rest OP 0 -> unit OP -rest / beta
+        target = -rest / beta
+        lows, highs = [], []
+        if op in (">=", "=="):
+            lows.append(sympy.ceiling(target))
+        if op == ">":
+            lows.append(sympy.floor(target) + 1)
+        if op in ("<=", "=="):
+            highs.append(sympy.floor(target))
+        if op == "<":
+            highs.append(sympy.ceiling(target) - 1)
+        if scale != 1:  # bounds on col // C -> bounds on col
+            lows = [scale * t for t in lows]
+            highs = [scale * t + scale - 1 for t in highs]
+        lows = [to_ir(sympy.expand(t) if t.is_Add else t, self.symbols) for t in lows]
+        highs = [to_ir(sympy.expand(t) if t.is_Add else t, self.symbols) for t in highs]
+        return "bounds", (lows, highs)
+
+
+def _is_abs(node: ir.Expr) -> bool:
+    return isinstance(node, ir.Call) and node.func == "abs"
+
+
+class _NotSolvable(Exception):
+    pass
+
+
+def _floor_divisor(argument, col):
+    """C when ``argument`` is ``col / C`` for a positive integer literal or an int parameter
+    (which the call must then pass positive); else None."""
+    factor, unit = argument.as_independent(col, as_Mul=True)
+    if unit != col:
+        return None
+    divisor = 1 / factor
+    if divisor.is_Integer and divisor > 1:
+        return int(divisor)
+    if isinstance(divisor, sympy.Symbol) and divisor.is_integer:
+        return divisor
+    return None
+
+
+def _unique(items):
+    out = []
+    for item in items:
+        if item not in out:
+            out.append(item)
+    return out
