@@ -6,6 +6,8 @@ caret under the true culprit.
 """
 from __future__ import annotations
 
+import re
+
 import pyparsing as pp
 
 from .. import ir
@@ -52,12 +54,47 @@ def _parse(text: str, rule: pp.ParserElement):
         raise SpecSyntaxError(f"a spec is a string, not {type(text).__name__}")
     _scan(text)
     try:
-        return rule.parse_string(text, parse_all=True)[0]
+        result = rule.parse_string(text, parse_all=True)[0]
     except pp.ParseBaseException as error:
         raise _syntax_error(text, error) from None
     except RecursionError:
-        raise SpecSyntaxError("the spec is nested too deeply", spec=text, span=(0, len(text)),
-                              hint="split it into named sub-expressions") from None
+        raise _too_deep(text) from None
+    _judge_tree(text, (result.score, result.mask) if isinstance(result, ir.Spec) else (result,))
+    return result
+
+
+# Every later stage (check, unparse, sympy, lowering) walks the tree recursively; a long flat
+# chain such as "q + q + ... + q" parses fine but would exhaust Python's stack there, so the
+# depth is bounded here, once, where the caret can still point at the text.
+MAX_DEPTH = 200
+_INT64_MAX = 2 ** 63 - 1
+
+
+def _too_deep(text: str) -> SpecSyntaxError:
+    return SpecSyntaxError("the spec is nested too deeply", spec=text, span=(0, len(text)),
+                           hint="split it into named sub-expressions")
+
+
+def _judge_tree(text: str, roots) -> None:
+    """Reject what parses but no stage can hold: too deep a tree, literals that overflow."""
+    stack = [(root, 1) for root in roots if root is not None]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise _too_deep(text)
+        if isinstance(node, ir.Num):
+            _judge_number(text, node)
+        stack.extend((child, depth + 1) for child in ir.children(node))
+
+
+def _judge_number(text: str, node: ir.Num) -> None:
+    if isinstance(node.value, float) and node.value == float("inf"):
+        # float("1e999") is inf, which would unparse as the constant 'inf': say so instead.
+        raise SpecSyntaxError("this number is too large for a float", spec=text,
+                              span=node.span, hint="write 'inf' for infinity")
+    if isinstance(node.value, int) and node.value > _INT64_MAX:
+        raise SpecSyntaxError("this integer does not fit in 64 bits", spec=text,
+                              span=node.span, hint=f"integers go up to {_INT64_MAX}")
 
 
 def _scan(text: str) -> None:
@@ -113,6 +150,10 @@ def _syntax_error(text: str, error: pp.ParseBaseException) -> SpecSyntaxError:
                                hint="complete the expression")
     token = _token_at(stripped)
     span = (loc, loc + len(token))
+    before = re.search(r"([A-Za-z_][A-Za-z0-9_]*)\s*$", text[:loc])
+    if before and before.group(1).lower() in ir.KEYWORDS and before.group(1) not in ir.KEYWORDS:
+        # "Where q >= kv" parses 'Where' as a name and fails at 'q': the culprit is 'Where'.
+        token, span = before.group(1), before.span(1)
     word = token.lower()
     if word in ir.KEYWORDS and token != word:
         return SpecSyntaxError(f"unexpected {token!r}", spec=text, span=span,
@@ -144,7 +185,6 @@ def _expected(error: pp.ParseBaseException) -> str:
 
 def _token_at(text: str) -> str:
     """The token that ``text`` starts with, for messages."""
-    import re
     match = re.match(r"[A-Za-z_][A-Za-z0-9_]*|\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\*\*|//|[<>=!]=|\S",
                      text)
     return match.group(0) if match else text[:1]
