@@ -3,7 +3,9 @@
 Types are int, float and bool. Parameters and tensor elements get their type from how they are
 used: as an index, or under ``//`` and ``%``, they are int; combined with a float (``score``, a
 float literal, ``exp(...)``) they are float; a parameter only ever compared with positions (``W``
-in ``q - kv < W``) is int. Using one both ways is an error at the second use.
+in ``q - kv < W``) is int. Using one both ways is an error at the second use. A name with no
+such evidence but a float-looking use (``score / T``, ``exp(T)``, ``slope[h] > 0.5``) leans to
+float: that settles it only if nothing else does, so it never makes a spec an error.
 """
 from __future__ import annotations
 
@@ -113,7 +115,7 @@ class CheckedSpec:
 
     def type_of(self, node: ir.Expr) -> str:
         """The type of any sub-expression, now that every free name has one."""
-        return _Typer(self.signature).type_of(node)
+        return Typer(self.signature).type_of(node)
 
 
 def check(spec: Union[str, ir.Spec]) -> CheckedSpec:
@@ -141,6 +143,7 @@ class _Var:
         self.parent: _Var = self
         self.dtype: str | None = None
         self.why: ir.Span | None = None
+        self.leans_float = False  # a soft preference, used only if nothing forces a type
 
     def root(self) -> "_Var":
         node = self
@@ -182,7 +185,8 @@ class _Checker:
     def signature(self) -> Signature:
         params, tensors = {}, {}
         for name, kind in self.kinds.items():
-            dtype = self.vars[name].root().dtype or INT
+            root = self.var(name).root()
+            dtype = root.dtype or (FLOAT if root.leans_float else INT)
             if kind == "param":
                 params[name] = Param(name, dtype, self.first_span[name])
             else:
@@ -235,7 +239,16 @@ class _Checker:
         for other in roots[1:]:
             if other is not roots[0]:
                 other.parent = roots[0]
+                roots[0].leans_float |= other.leans_float
         return unknown
+
+    def lean_float(self, types) -> None:
+        """Unknowns used the way floats are (``/``, ``exp``, compared with a float) lean float."""
+        for t in types:
+            t = self.resolved(t)
+            if isinstance(t, frozenset):
+                for name in t:
+                    self.var(name).root().leans_float = True
 
     def require_number(self, t: _Type, node: ir.Expr, what: str) -> None:
         if t == BOOL:
@@ -358,11 +371,13 @@ class _Checker:
                 self.require_int(t, operand, f"with '{node.op}'")
             return self.unify([left, right], node.span)
         if node.op == "/":
+            self.lean_float([self.unify([left, right], node.span)])
             return FLOAT
         if node.op == "**":
             if (isinstance(node.right, ir.Num) and isinstance(node.right.value, int)
                     and self.resolved(left) != FLOAT):
                 return self.unify([left], node.span)
+            self.lean_float([left, right])
             return FLOAT
         return self.unify([left, right], node.span)
 
@@ -374,6 +389,8 @@ class _Checker:
         unknown = [t for t in types if isinstance(self.resolved(t), frozenset)]
         if len(unknown) > 1:
             self.unify(unknown, node.span)
+        if any(self.resolved(t) == FLOAT for t in types):
+            self.lean_float(unknown)
         return BOOL
 
     def visit_Call(self, node: ir.Call) -> _Type:
@@ -401,6 +418,7 @@ class _Checker:
             self.require_number(t, arg, f"as an argument of {node.func}()")
         if function.result == "same":
             return self.unify(types, node.span)
+        self.lean_float(types)  # exp(T), floor(T): T is most likely a float
         return function.result
 
     def visit_IfElse(self, node: ir.IfElse) -> _Type:
@@ -436,7 +454,7 @@ def _mentions_score(node: ir.Expr) -> bool:
     return any(isinstance(n, ir.Name) and n.id == ir.SCORE for n in ir.walk(node))
 
 
-class _Typer:
+class Typer:
     """Types of sub-expressions once the signature has settled every free name."""
 
     def __init__(self, signature: Signature):
