@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
 from . import ir
@@ -47,17 +48,108 @@ def _ranges_of_text(text: str) -> tuple[IndexRange, ...]:
     return tuple(index_ranges(_checked(text)))
 
 
+@functools.lru_cache(maxsize=256)
+def _analysis_of_text(text: str):
+    from .analysis.plan import MaskAnalysis
+    return MaskAnalysis.of(_checked(text))
+
+
+@functools.lru_cache(maxsize=256)
+def _derivatives_of_text(text: str):
+    from .analysis.derivatives import score_derivatives
+    return score_derivatives(_checked(text))
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """How to run: ``backend`` is "auto" (Triton kernels on CUDA tensors, the chunked PyTorch
+    path elsewhere), "triton" (kernels always; on a CPU that needs TRITON_INTERPRET=1) or
+    "torch" (the chunked path always). Tile configurations override the defaults per pass."""
+    backend: str = "auto"
+    forward: Any = None    # flexdsl.kernel.launch.Config
+    backward: Any = None
+
+    def __post_init__(self):
+        if self.backend not in ("auto", "triton", "torch"):
+            raise SpecError(f"unknown backend {self.backend!r}",
+                            hint="backends are 'auto', 'triton' and 'torch'")
+
+
 class Attention:
     """A compiled spec: call it like attention, ``attn(q, k, v, W=512, doc=doc)``.
 
     Parameters and tensors given to :func:`compile` are defaults; those given to a call take
     precedence. q is (B, Hq, Sq, D), k and v are (B, Hkv, Skv, D) with Hq a multiple of Hkv.
+    A new length or parameter value never compiles anything again.
     """
 
-    def __init__(self, spec: CheckedSpec, defaults: Mapping[str, Any]):
+    def __init__(self, spec: CheckedSpec, defaults: Mapping[str, Any],
+                 options: KernelOptions | None = None):
         self.spec = spec
         self.defaults = dict(defaults)
+        self.options = options or KernelOptions()
         self.index_ranges = _ranges(spec)
+
+    @property
+    def analysis(self):
+        """The mask solved for kv per query and for q per key (cached per spec text)."""
+        from .analysis.plan import MaskAnalysis
+        if self.spec is _checked(self.spec.text):
+            return _analysis_of_text(self.spec.text)
+        return MaskAnalysis.of(self.spec)
+
+    @property
+    def derivatives(self):
+        from .analysis.derivatives import score_derivatives
+        if self.spec is _checked(self.spec.text):
+            return _derivatives_of_text(self.spec.text)
+        return score_derivatives(self.spec)
+
+    def plan(self, q_len: int, kv_len: int | None = None, *, block_m: int = 128,
+             block_n: int = 128, batch: int = 1, heads: int = 1, **params_and_tensors):
+        """The tile plan for these lengths and tiles: ``print(attn.plan(4096, W=512))``."""
+        from .analysis.plan import plan
+        kv_len = q_len if kv_len is None else kv_len
+        names = {**self.defaults, **params_and_tensors}
+        try:
+            check_names(self.spec, names)
+            params = {n: check_parameter(self.spec, n, names[n])
+                      for n in self.spec.signature.params if n in names}
+            missing = [n for n in (*self.spec.signature.params, *self.spec.signature.tensors)
+                       if n not in names]
+            if missing:
+                raise SpecError(f"the plan needs {', '.join(missing)}",
+                                hint="pass them as keyword arguments")
+            tensors = {n: names[n] for n in self.spec.signature.tensors}
+            return plan(self.spec, q_len, kv_len, block_m=block_m, block_n=block_n,
+                        params=params, tensors=tensors, batch=batch, heads=heads,
+                        analysis=self.analysis)
+        except SpecError as error:
+            raise error.with_spec(self.spec.text) from None
+
+    def _uses_kernels(self, q) -> bool:
+        if self.options.backend == "auto":
+            return q.is_cuda
+        return self.options.backend == "triton"
+
+    def _kernel_key(self, dtype) -> str:
+        import torch
+
+        from .kernel import compile as kernel_compile
+        from .kernel import launch, ops
+        fast_tanh = dtype in (torch.float16, torch.bfloat16) and not kernel_compile.interpreting()
+        key = repr((str(self.spec), fast_tanh, kernel_compile.interpreting(),
+                    self.options.forward, self.options.backward))
+        if key not in ops.registry:
+            kernels = kernel_compile.compiled(self.spec, self.analysis, self.derivatives,
+                                              fast_tanh=fast_tanh)
+            signature = self.spec.signature
+            ops.registry[key] = ops.Entry(
+                kernels, self.analysis, tuple(signature.params),
+                frozenset(n for n, p in signature.params.items() if p.dtype == "int"),
+                tuple(signature.tensors), self.options.forward, self.options.backward)
+        del launch
+        return key
 
     def __repr__(self) -> str:
         return f"flexdsl.Attention({str(self.spec)!r})"
@@ -69,8 +161,20 @@ class Attention:
     def __call__(self, q, k, v, *, scale=None, return_lse: bool = False,
                  **params_and_tensors):
         bound = self.bind(q, k, v, scale=scale, **params_and_tensors)
-        from .kernel import cpu
-        out, lse = cpu.attention(bound)
+        if self._uses_kernels(bound.q):
+            import torch
+
+            from .kernel import ops  # noqa: F401  (registers torch.ops.flexdsl)
+            key = self._kernel_key(bound.q.dtype)
+            out, lse = torch.ops.flexdsl.attention(
+                bound.q, bound.k, bound.v, [bound.tensors[n] for n in self.spec.signature.tensors],
+                [float(bound.params[n]) for n in self.spec.signature.params], key, bound.scale)
+        else:
+            from .kernel import cpu
+            tile_plan = self.plan(bound.q_len, bound.kv_len, block_m=cpu.BLOCK_M,
+                                  block_n=cpu.BLOCK_N, batch=bound.batch, heads=bound.heads,
+                                  **bound.params, **bound.tensors)
+            out, lse = cpu.attention(bound, tile_plan.kv_blocks)
         return (out, lse) if return_lse else out
 
     def reference(self, q, k, v, *, scale=None, dtype="float64", **params_and_tensors):
@@ -85,7 +189,8 @@ class Attention:
                                    params=bound.params, tensors=bound.tensors, dtype=dtype)
 
 
-def compile(spec: SpecLike, **params_and_tensors) -> Attention:  # noqa: A001 - the API's verb
+def compile(spec: SpecLike, *, options: KernelOptions | None = None,  # noqa: A001
+            **params_and_tensors) -> Attention:
     """Check ``spec`` and bind default parameters and tensors: an :class:`Attention`.
 
     >>> attn = compile("where 0 <= q - kv < W", W=256)
@@ -102,4 +207,4 @@ def compile(spec: SpecLike, **params_and_tensors) -> Attention:  # noqa: A001 - 
             defaults[name] = value
     except SpecError as error:
         raise error.with_spec(checked.text) from None
-    return Attention(checked, defaults)
+    return Attention(checked, defaults, options)

@@ -46,6 +46,9 @@ def attention(spec: CheckedSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 def softmax_attention(scores: torch.Tensor, v: torch.Tensor):
     """softmax(scores) @ v and the log-sum-exp, with 0 and -inf for rows of nothing but -inf."""
+    if scores.shape[-1] == 0:  # no keys at all: every row is empty (amax would refuse)
+        out = scores.new_zeros(*scores.shape[:-1], v.shape[-1])
+        return out, scores.new_full(scores.shape[:-1], -math.inf)
     row_max = scores.amax(dim=-1, keepdim=True)
     empty = row_max == -math.inf
     row_max = row_max.masked_fill(empty, 0)

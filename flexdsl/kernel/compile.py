@@ -1,0 +1,78 @@
+"""Rendered kernels, compiled once per spec structure.
+
+A kernel module is keyed on the normalised spec and the backend's flavour (interpreter or
+GPU, fast tanh or not). Triton needs real source files to compile from, so the rendered text
+is written to a cache directory (``$FLEXDSL_CACHE_DIR``, else the user's cache) and imported.
+``FLEXDSL_DEBUG=1`` prints the source whenever a kernel is rendered.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from ..analysis.derivatives import ScoreDerivatives
+from ..analysis.plan import MaskAnalysis
+from ..check import CheckedSpec
+from ..lower import KernelSource, render
+
+
+@dataclass(frozen=True)
+class CompiledSpec:
+    """The kernels of one spec and what their arguments mean."""
+    source: KernelSource
+    module: ModuleType
+
+
+_modules: dict[tuple, CompiledSpec] = {}
+renders = 0  # how many kernel modules were rendered (tests count recompilations with it)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def cache_dir() -> Path:
+    configured = os.environ.get("FLEXDSL_CACHE_DIR")
+    if configured:
+        path = Path(configured)
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = Path(base) / "flexdsl"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        path = Path(tempfile.gettempdir()) / f"flexdsl-{os.getuid()}"
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def compiled(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivatives, *,
+             fast_tanh: bool) -> CompiledSpec:
+    key = (str(spec), fast_tanh, interpreting())
+    hit = _modules.get(key)
+    if hit is not None:
+        return hit
+    global renders
+    renders += 1
+    source = render(spec, analysis, derivatives, fast_tanh=fast_tanh)
+    if os.environ.get("FLEXDSL_DEBUG", "0") not in ("", "0"):
+        print(source.text, file=sys.stderr)
+    digest = hashlib.sha256(source.text.encode()).hexdigest()[:20]
+    name = f"flexdsl_kernel_{digest}"
+    path = cache_dir() / f"{name}.py"
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(source.text)
+        os.replace(tmp, path)   # atomic: concurrent processes never see a half-written file
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    result = CompiledSpec(source, module)
+    _modules[key] = result
+    return result

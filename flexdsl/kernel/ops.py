@@ -1,0 +1,99 @@
+"""flexdsl attention as a torch.library custom op, with autograd.
+
+Being a custom op lets a ``torch.compile(fullgraph=True)`` model call flexdsl without a graph
+break: the compiler sees one opaque op with known output shapes. A compiled spec is found
+through a string key, since ops take no Python objects.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..analysis.plan import MaskAnalysis
+from . import launch
+from .compile import CompiledSpec
+
+
+@dataclass
+class Entry:
+    """What the op needs to run one spec: its kernels, analysis and argument conventions."""
+    kernels: CompiledSpec
+    analysis: MaskAnalysis
+    params: tuple[str, ...]          # the order of the op's ``params`` list
+    int_params: frozenset[str]
+    tensors: tuple[str, ...]         # the order of the op's ``tensors`` list
+    forward_config: Optional[launch.Config] = None
+    backward_config: Optional[launch.Config] = None
+
+    @property
+    def gradient_tensors(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(g.tensor for g in self.kernels.source.gradients))
+
+    def call(self, scale: float, params: list[float], tensors: list[torch.Tensor]):
+        values = {name: (int(v) if name in self.int_params else v)
+                  for name, v in zip(self.params, params)}
+        return launch.Call(scale, values, dict(zip(self.tensors, tensors)))
+
+
+registry: dict[str, Entry] = {}
+
+
+@torch.library.custom_op("flexdsl::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor],
+              params: list[float], key: str, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    entry = registry[key]
+    return launch.forward(entry.kernels, entry.analysis, q, k, v,
+                          entry.call(scale, params, tensors), entry.forward_config)
+
+
+@attention.register_fake
+def _(q, k, v, tensors, params, key, scale):
+    batch, heads, q_len, head_dim = q.shape
+    return (q.new_empty(batch, heads, q_len, head_dim),
+            q.new_empty(batch, heads, q_len, dtype=torch.float32))
+
+
+@torch.library.custom_op("flexdsl::attention_backward", mutates_args=())
+def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       lse: torch.Tensor, grad_out: torch.Tensor,
+                       grad_lse: Optional[torch.Tensor], tensors: list[torch.Tensor],
+                       params: list[float], key: str, scale: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    entry = registry[key]
+    call = entry.call(scale, params, tensors)
+    dq, dk, dv, grads = launch.backward(entry.kernels, entry.analysis, q, k, v, out, lse,
+                                        grad_out, call, entry.backward_config, grad_lse=grad_lse)
+    return dq, dk, dv, [grads[name].to(call.tensors[name].dtype)
+                        for name in entry.gradient_tensors]
+
+
+@attention_backward.register_fake
+def _(q, k, v, out, lse, grad_out, grad_lse, tensors, params, key, scale):
+    entry = registry[key]
+    by_name = dict(zip(entry.tensors, tensors))
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            [torch.empty_like(by_name[name]) for name in entry.gradient_tensors])
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, tensors, params, key, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, *tensors)
+    ctx.params, ctx.key, ctx.scale = params, key, scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, *tensors = ctx.saved_tensors
+    dq, dk, dv, grads = attention_backward(q, k, v, out, lse, grad_out, grad_lse, tensors,
+                                           ctx.params, ctx.key, ctx.scale)
+    entry = registry[ctx.key]
+    by_name = dict(zip(entry.gradient_tensors, grads))
+    tensor_grads = [by_name.get(name) for name in entry.tensors]
+    # A list of numbers takes None as its gradient; an empty list counts as a list of tensors.
+    params_grad = None if ctx.params else []
+    return dq, dk, dv, tensor_grads, params_grad, None, None
+
+
+torch.library.register_autograd("flexdsl::attention", _backward, setup_context=_setup_context)

@@ -1,0 +1,145 @@
+"""IR -> Triton expression text, over a [BLOCK_M, BLOCK_N] tile.
+
+The kernel templates define a fixed set of names the text may use: ``q_idx`` ([BLOCK_M, 1] or
+[BLOCK_M] int32), ``kv_idx`` ([1, BLOCK_N] or [BLOCK_N]), ``b``, ``h``, ``q_len``, ``kv_len``,
+``score``, the parameters (``p_<name>``), and per tensor a pointer ``t_<name>``, its strides
+``t_<name>_s<i>`` and sizes ``t_<name>_n<i>``. Python-semantics ``//`` and ``%`` and the
+transcendental functions are helpers the templates define (``_fdiv``, ``_fmod``, ``_tanh``...).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .. import ir
+from ..check import BOOL, FLOAT, INT
+
+_COMPARE = {"==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
+_FLOAT_CALLS = {"exp": "tl.exp", "exp2": "tl.exp2", "log": "tl.log", "log2": "tl.log2",
+                "sqrt": "tl.sqrt", "rsqrt": "tl.rsqrt", "tanh": "_tanh", "sigmoid": "_sigmoid"}
+
+
+def param_name(name: str) -> str:
+    return f"p_{name}"
+
+
+def tensor_name(name: str) -> str:
+    return f"t_{name}"
+
+
+@dataclass
+class Lowering:
+    """Lowers expressions of one spec. ``types`` gives each node's type; ``valid`` maps a
+    position name to the text of its in-range mask (lookups at padding rows must not load)."""
+    type_of: object
+    positions: dict[str, str]
+    valid: dict[str, str] = field(default_factory=dict)
+    tensors_used: set[str] = field(default_factory=set)
+
+    def expr(self, node: ir.Expr) -> str:
+        return getattr(self, "_" + type(node).__name__)(node)
+
+    def floating(self, node: ir.Expr) -> str:
+        """The node's value as fp32 text."""
+        if isinstance(node, ir.Num):
+            return repr(float(node.value))
+        text = self.expr(node)
+        if self.type_of(node) == FLOAT:
+            return text
+        return f"({text}).to(tl.float32)"
+
+    def _as(self, node: ir.Expr, dtype: str) -> str:
+        return self.floating(node) if dtype == FLOAT else self.expr(node)
+
+    def _Num(self, node: ir.Num) -> str:
+        return repr(node.value) if isinstance(node.value, int) else repr(float(node.value))
+
+    def _Const(self, node: ir.Const) -> str:
+        return "_INF" if node.name == "inf" else "3.141592653589793"
+
+    def _Name(self, node: ir.Name) -> str:
+        if node.id in self.positions:
+            return self.positions[node.id]
+        if node.id == ir.SCORE:
+            return "score"
+        if node.id in ir.LENGTHS:
+            return node.id
+        return param_name(node.id)
+
+    def _Lookup(self, node: ir.Lookup) -> str:
+        self.tensors_used.add(node.tensor)
+        t = tensor_name(node.tensor)
+        offsets = []
+        for i, index in enumerate(node.indices):
+            # Clamped so a lookup can never leave its tensor; bind() checks ranges it can derive.
+            idx = f"tl.minimum(tl.maximum({self.expr(index)}, 0), {t}_n{i} - 1)"
+            offsets.append(f"({idx}).to(tl.int64) * {t}_s{i}")
+        masks = sorted({self.valid[p] for index in node.indices for p in _positions(index)
+                        if p in self.valid})
+        mask = f", mask={' & '.join(masks)}, other=0" if masks else ""
+        return f"tl.load({t} + {' + '.join(offsets)}{mask})"
+
+    def _Unary(self, node: ir.Unary) -> str:
+        if node.op == "not":
+            return f"(~({self.expr(node.operand)}))"
+        return f"(-{self.expr(node.operand)})"
+
+    def _Binary(self, node: ir.Binary) -> str:
+        op = node.op
+        if op in ("and", "or"):
+            return f"({self.expr(node.left)} {'&' if op == 'and' else '|'} {self.expr(node.right)})"
+        if op == "/":
+            return f"({self.floating(node.left)} / {self.floating(node.right)})"
+        if op in ("//", "%"):
+            helper = "_fdiv" if op == "//" else "_fmod"
+            return f"{helper}({self.expr(node.left)}, {self.expr(node.right)})"
+        if op == "**":
+            exponent = node.right
+            if isinstance(exponent, ir.Num) and isinstance(exponent.value, int) \
+                    and 0 <= exponent.value <= 8:
+                if exponent.value == 0:
+                    return "1" if self.type_of(node) == INT else "1.0"
+                base = self.expr(node.left)
+                return "(" + " * ".join([base] * exponent.value) + ")"
+            return (f"tl.exp2({self.floating(node.right)} * "
+                    f"tl.log2({self.floating(node.left)}))")
+        dtype = self.type_of(node)
+        return f"({self._as(node.left, dtype)} {op} {self._as(node.right, dtype)})"
+
+    def _Compare(self, node: ir.Compare) -> str:
+        kinds = [self.type_of(o) for o in node.operands]
+        dtype = FLOAT if FLOAT in kinds else INT
+        values = [self._as(o, dtype) for o in node.operands]
+        parts = [f"({a} {_COMPARE[op]} {b})" for op, a, b in zip(node.ops, values, values[1:])]
+        return parts[0] if len(parts) == 1 else "(" + " & ".join(parts) + ")"
+
+    def _Call(self, node: ir.Call) -> str:
+        f = node.func
+        if f in _FLOAT_CALLS:
+            return f"{_FLOAT_CALLS[f]}({self.floating(node.args[0])})"
+        if f in ("floor", "ceil"):
+            if self.type_of(node.args[0]) != FLOAT:
+                return self.expr(node.args[0])
+            return f"tl.{f}({self.expr(node.args[0])}).to(tl.int32)"
+        dtype = self.type_of(node)
+        args = [self._as(a, dtype) for a in node.args]
+        if f == "abs":
+            return f"tl.abs({args[0]})"
+        if f == "clamp":
+            return f"tl.minimum(tl.maximum({args[0]}, {args[1]}), {args[2]})"
+        combine = "tl.minimum" if f == "min" else "tl.maximum"
+        out = args[0]
+        for a in args[1:]:
+            out = f"{combine}({out}, {a})"
+        return out
+
+    def _IfElse(self, node: ir.IfElse) -> str:
+        dtype = self.type_of(node)
+        if dtype == BOOL:
+            return f"tl.where({self.expr(node.test)}, {self.expr(node.then)}, " \
+                   f"{self.expr(node.orelse)})"
+        return (f"tl.where({self.expr(node.test)}, {self._as(node.then, dtype)}, "
+                f"{self._as(node.orelse, dtype)})")
+
+
+def _positions(node: ir.Expr) -> set[str]:
+    return {n.id for n in ir.walk(node) if isinstance(n, ir.Name) and n.id in ir.POSITIONS}

@@ -1,0 +1,286 @@
+"""A checked spec -> the source text of its Triton kernels (forward, dq, dk/dv).
+
+The kernel is specialised only on the spec's structure: parameters, lengths and tensor sizes
+are runtime arguments, marked ``do_not_specialize`` so new values never compile again. The
+result is plain, readable text (``flexdsl lower SPEC`` prints it).
+"""
+from __future__ import annotations
+
+import string
+import textwrap
+from dataclasses import dataclass, replace
+from importlib import resources
+
+from .. import ir
+from ..analysis.bounds import Solved
+from ..analysis.derivatives import ScoreDerivatives, TensorGradient
+from ..analysis.plan import MaskAnalysis
+from ..check import INT, CheckedSpec, Signature, TensorParam, Typer
+from .expr import Lowering, param_name, tensor_name
+
+_TANH_PORTABLE = """\
+    # tanh from exp2, which every backend (the interpreter too) has.
+    e = tl.exp2(tl.abs(x) * -2.8853900817779268)  # exp(-2|x|)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)"""
+_TANH_FAST = """\
+    # The hardware's tanh.approx.f32: max relative error about 2**-11, ample for 16-bit inputs.
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x.to(tl.float32)],
+                                     dtype=tl.float32, is_pure=True, pack=1)"""
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """Rendered kernel text and the order of its spec-specific arguments."""
+    text: str
+    params: tuple[str, ...]                 # parameter names, in argument order
+    tensors: tuple[TensorParam, ...]        # user tensors then derived ones, in argument order
+    gradients: tuple[TensorGradient, ...]   # float tensors that receive gradients
+
+
+def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivatives, *,
+           fast_tanh: bool) -> KernelSource:
+    derived = _derived_tensors(analysis)
+    signature = Signature(spec.signature.params,
+                          {**spec.signature.tensors, **{t.name: t for t in derived}})
+    type_of = Typer(signature).type_of
+    tensors = (*spec.signature.tensors.values(), *derived)
+    params = tuple(spec.signature.params)
+    gradients = derivatives.tensors
+    grad_names = tuple(dict.fromkeys(g.tensor for g in gradients))
+
+    args = [param_name(p) for p in params]
+    for t in tensors:
+        name = tensor_name(t.name)
+        args.append(name)
+        args.extend(f"{name}_s{i}" for i in range(t.rank))
+        args.extend(f"{name}_n{i}" for i in range(t.rank))
+    grad_args = []
+    for name in grad_names:
+        rank = spec.signature.tensors[name].rank
+        grad_args.append(f"g_{name}")
+        grad_args.extend(f"g_{name}_s{i}" for i in range(rank))
+    no_specialize = ["q_len", "kv_len", "sm_scale",
+                     *(a for a in args if not a.startswith("t_") or "_n" in a[2:])]
+    no_specialize = [a for a in no_specialize if not _is_pointer(a, tensors)]
+
+    tile = Lowering(type_of, {"q": "q_idx", "kv": "kv_idx", "b": "b", "h": "h"},
+                    {"q": "q_ok", "kv": "kv_ok"})
+    score_code = _score_code(spec, tile)
+    # Masked tiles always check the lengths; the spec's own mask joins in where it has one.
+    mask = "kv_ok" if spec.spec.mask is None else f"({tile.expr(spec.spec.mask)}) & kv_ok"
+    d_score = None if derivatives.identity else tile.floating(derivatives.d_score)
+
+    fields = {
+        "SPEC": ir.unparse(spec.spec).replace("\n", " "),
+        "TANH": _TANH_FAST if fast_tanh else _TANH_PORTABLE,
+        "NO_SPECIALIZE": ", ".join(repr(a) for a in no_specialize),
+        "ARGS": "".join(f"{a}, " for a in args),
+        "GRAD_ARGS": "".join(f"{a}, " for a in grad_args),
+        "FWD_BOUNDS": _bounds_code(analysis.by_query, type_of, "q_idx_rows", "kv_len",
+                                   "docs_exact_q", indent=4),
+        "BWD_BOUNDS": _bounds_code(analysis.by_key, type_of, "kv_idx_rows", "q_len",
+                                   "docs_exact_k", indent=8),
+        "FWD_BODY_MASKED": _forward_body(score_code, mask),
+        "FWD_BODY_FULL": _forward_body(score_code, None),
+        "DQ_BODY_MASKED": _dq_body(score_code, mask, d_score, gradients, tile),
+        "DQ_BODY_FULL": _dq_body(score_code, None, d_score, gradients, tile),
+        "DKDV_BODY_MASKED": _dkdv_body(score_code, mask, d_score),
+        "DKDV_BODY_FULL": _dkdv_body(score_code, None, d_score),
+    }
+    template = resources.files("flexdsl.kernel").joinpath("templates/attention.py.in")
+    text = string.Template(template.read_text()).substitute(fields)
+    return KernelSource(text, params, tuple(tensors), gradients)
+
+
+def _is_pointer(arg: str, tensors) -> bool:
+    return any(arg == tensor_name(t.name) for t in tensors)
+
+
+def _derived_tensors(analysis: MaskAnalysis) -> list[TensorParam]:
+    """The run tensors of sorted lookups (``doc__lo_kv``...), as int tensors of the spec."""
+    out = {}
+    for solved in (analysis.by_query, analysis.by_key):
+        for c in solved.conjunctions:
+            for d in c.documents:
+                for lookup in (d.lower, d.upper):
+                    out[lookup.tensor] = TensorParam(lookup.tensor, len(lookup.indices), INT, ())
+    return list(out.values())
+
+
+def _score_code(spec: CheckedSpec, tile: Lowering) -> str:
+    if spec.spec.score == ir.Name(ir.SCORE):
+        return "s_mod = score"
+    return f"s_mod = {tile.floating(spec.spec.score)} + tl.zeros_like(score)"
+
+
+def _bounds_code(solved: Solved, type_of, rows: str, col_len: str, docs_flag: str,
+                 indent: int) -> str:
+    """Per-row bounds reduced to a hull [span_lo, span_hi] and a full range [full_lo, full_hi]."""
+    row_var = solved.row
+    lower = Lowering(type_of, {row_var: rows, "b": "b", "h": "h"}, {row_var: "row_ok"})
+    lines = [f"span_lo = {col_len} + 0 * b", "span_hi = -1 + 0 * b",
+             "full_lo = 1 + 0 * b", "full_hi = 0 + 0 * b",
+             f"zero_rows = tl.zeros_like({rows})"]
+    for j, c in enumerate(solved.conjunctions):
+        lines.append(f"# {'; '.join(_describe(c, solved))}")
+        lines.append(f"lo{j} = zero_rows")
+        lines.append(f"hi{j} = zero_rows + ({col_len} - 1)")
+        for bound in c.lower + tuple(d.lower for d in c.documents):
+            lines.append(f"lo{j} = tl.maximum(lo{j}, {lower.expr(bound)})")
+        for bound in c.upper + tuple(d.upper for d in c.documents):
+            lines.append(f"hi{j} = tl.minimum(hi{j}, {lower.expr(bound)})")
+        keep = " & ".join(["row_ok", *(f"({lower.expr(r)})" for r in c.rows)])
+        lines.append(f"ok{j} = {keep}")
+        lines.append(f"lo{j} = tl.where(ok{j}, lo{j}, {col_len}).to(tl.int32)")
+        lines.append(f"hi{j} = tl.where(ok{j}, hi{j}, -1).to(tl.int32)")
+        lines.append(f"span_lo = tl.minimum(span_lo, tl.min(tl.where(lo{j} <= hi{j}, lo{j}, "
+                     f"{col_len}), 0))")
+        lines.append(f"span_hi = tl.maximum(span_hi, tl.max(tl.where(lo{j} <= hi{j}, hi{j}, "
+                     f"-1), 0))")
+        if c.exact:
+            # Padding rows (past the length) constrain nothing.
+            lines.append(f"f_lo{j} = tl.max(tl.where(row_ok, lo{j}, -1), 0)")
+            lines.append(f"f_hi{j} = tl.min(tl.where(row_ok, hi{j}, {col_len}), 0)")
+            if c.documents:  # unsorted lookups make the run tensors trivial: not a full range
+                lines.append(f"f_hi{j} = tl.where({docs_flag} != 0, f_hi{j}, f_lo{j} - 1)")
+            lines.append(f"full_lo, full_hi = _merge_full(full_lo, full_hi, f_lo{j}, f_hi{j})")
+    if not solved.conjunctions:
+        lines.append("# the mask is never true")
+    return textwrap.indent("\n".join(lines), " " * indent)
+
+
+def _describe(c, solved: Solved) -> list[str]:
+    parts = [f"{solved.col} >= {ir.unparse(b)}" for b in c.lower]
+    parts += [f"{solved.col} <= {ir.unparse(b)}" for b in c.upper]
+    parts += [ir.unparse(r) for r in c.rows]
+    parts += [f"{d.tensor}[{solved.row}] == {d.tensor}[{solved.col}]" for d in c.documents]
+    parts += [f"masked: {ir.unparse(a)}" for a, _ in c.residual]
+    return parts or ["every position"]
+
+
+def _dot(a: str, b: str) -> str:
+    return f"_dot({a}, {b}, IEEE)"
+
+
+def _forward_body(score_code: str, mask: str | None) -> str:
+    lines = [
+        "kv_cols = start_n + tl.arange(0, BLOCK_N)",
+        "kv_idx = kv_cols[None, :]",
+        "kv_ok = kv_idx < kv_len",
+        "k = tl.load(k_base + kv_idx * skn + offs_d[:, None] * skd, "
+        "mask=kv_ok & d_ok[:, None], other=0.0)",
+        "v = tl.load(v_base + kv_cols[:, None] * svn + offs_d[None, :] * svd, "
+        "mask=(kv_cols[:, None] < kv_len) & d_ok[None, :], other=0.0)",
+        "if DOT_F32:",
+        "    k = k.to(tl.float32)",
+        "    v = v.to(tl.float32)",
+        f"score = {_dot('q', 'k')} * sm_scale",
+        score_code,
+    ]
+    if mask is not None:
+        lines.append(f"keep = {mask}")
+        lines.append("s_mod = tl.where(keep, s_mod, -float(\"inf\"))")
+    lines += [
+        "s2 = s_mod * _LOG2E",
+        "m_new = tl.maximum(m_i, tl.max(s2, 1))",
+        "m_safe = tl.where(m_new == -float(\"inf\"), 0.0, m_new)",
+        "alpha = tl.exp2(m_i - m_safe)",
+        "p = tl.exp2(s2 - m_safe[:, None])",
+        "l_i = l_i * alpha + tl.sum(p, 1)",
+        f"acc = acc * alpha[:, None] + {_dot('p.to(v.dtype)', 'v')}",
+        "m_i = m_new",
+    ]
+    return textwrap.indent("\n".join(lines), " " * 8)
+
+
+def _gradient_code(g: TensorGradient, tile: Lowering, valid: str) -> list[str]:
+    """Accumulate ds * d(score expression)/d T[i...] into T's gradient, reduced where the index
+    does not vary so that atomics stay few."""
+    name = g.tensor
+    uses = {n.id for i in g.lookup.indices for n in ir.walk(i) if isinstance(n, ir.Name)}
+    value = f"tl.where({valid}, ds * ({tile.floating(g.derivative)}), 0.0)"
+    offsets = []
+    for i, index in enumerate(g.lookup.indices):
+        idx = f"tl.minimum(tl.maximum({tile.expr(index)}, 0), {tensor_name(name)}_n{i} - 1)"
+        offsets.append(f"({idx}).to(tl.int64) * g_{name}_s{i}")
+    pointer = f"g_{name} + " + " + ".join(offsets)
+    if "q" in uses and "kv" in uses:
+        return [f"tl.atomic_add({pointer}, {value}, mask={valid})"]
+    if "q" in uses:
+        return [f"tl.atomic_add({pointer}, tl.sum({value}, 1)[:, None], mask=q_ok)"]
+    if "kv" in uses:
+        return [f"tl.atomic_add({pointer}, tl.sum({value}, 0)[None, :], mask=kv_ok)"]
+    return [f"tl.atomic_add({pointer}, tl.sum(tl.sum({value}, 1), 0))"]
+
+
+def _dq_body(score_code, mask, d_score, gradients, tile: Lowering) -> str:
+    lines = [
+        "kv_cols = start_n + tl.arange(0, BLOCK_N)",
+        "kv_idx = kv_cols[None, :]",
+        "kv_ok = kv_idx < kv_len",
+        "k = tl.load(k_base + kv_idx * skn + offs_d[:, None] * skd, "
+        "mask=kv_ok & d_ok[:, None], other=0.0)",
+        "v = tl.load(v_base + kv_idx * svn + offs_d[:, None] * svd, "
+        "mask=kv_ok & d_ok[:, None], other=0.0)",
+        "if DOT_F32:",
+        "    k = k.to(tl.float32)",
+        "    v = v.to(tl.float32)",
+        f"score = {_dot('q', 'k')} * sm_scale",
+        score_code,
+    ]
+    if mask is not None:
+        lines.append(f"keep = {mask}")
+        lines.append("s_mod = tl.where(keep, s_mod, -float(\"inf\"))")
+    lines += [
+        "p = tl.exp2(s_mod * _LOG2E - lse2[:, None])",
+        f"dp = {_dot('do', 'v')}",
+        "ds = p * (dp - delta[:, None])",
+        "dscore = ds" if d_score is None else f"dscore = ds * ({d_score})",
+    ]
+    valid = "keep & q_ok" if mask is not None else "q_ok & kv_ok"
+    if mask is not None:
+        lines.append("dscore = tl.where(keep, dscore, 0.0)")
+    for g in gradients:
+        lines += _gradient_code(g, tile, valid)
+    lines.append(f"dq += {_dot('dscore.to(k.dtype)', 'tl.trans(k)')}")
+    return textwrap.indent("\n".join(lines), " " * 8)
+
+
+def _dkdv_body(score_code, mask, d_score) -> str:
+    lines = [
+        "q_rows_t = start_m + tl.arange(0, BLOCK_M)",
+        "q_idx = q_rows_t[:, None]",
+        "q_ok = q_idx < q_len",
+        "q = tl.load(q_base + q_idx * sqm + offs_d[None, :] * sqd, "
+        "mask=q_ok & d_ok[None, :], other=0.0)",
+        "do = tl.load(do_base + q_idx * sdm + offs_d[None, :] * sdd, "
+        "mask=q_ok & d_ok[None, :], other=0.0)",
+        "if DOT_F32:",
+        "    q = q.to(tl.float32)",
+        "    do = do.to(tl.float32)",
+        "lse = tl.load(LSE + off_bh.to(tl.int64) * q_len + q_rows_t, mask=q_rows_t < q_len, "
+        "other=float(\"inf\"))",
+        "lse2 = tl.where(lse == -float(\"inf\"), float(\"inf\"), lse * _LOG2E)",
+        "delta = tl.load(DELTA + off_bh.to(tl.int64) * q_len + q_rows_t, "
+        "mask=q_rows_t < q_len, other=0.0)",
+        f"score = {_dot('q', 'k')} * sm_scale",
+        score_code,
+    ]
+    if mask is not None:
+        lines.append(f"keep = {mask} & q_ok")
+        lines.append("s_mod = tl.where(keep, s_mod, -float(\"inf\"))")
+    lines += [
+        "p = tl.exp2(s_mod * _LOG2E - lse2[:, None])",
+        f"dv += {_dot('tl.trans(do)', 'p.to(do.dtype)')}",
+        f"dp = {_dot('do', 'v')}",
+        "ds = p * (dp - delta[:, None])",
+        "dscore = ds" if d_score is None else f"dscore = ds * ({d_score})",
+    ]
+    if mask is not None:
+        lines.append("dscore = tl.where(keep, dscore, 0.0)")
+    lines.append(f"dk += {_dot('tl.trans(q)', 'dscore.to(q.dtype)')}")
+    return textwrap.indent("\n".join(lines), " " * 12)
+
+
+__all__ = ["KernelSource", "render", "replace"]
