@@ -65,6 +65,11 @@ class TensorRecipe:
     reads: frozenset[str] = frozenset()
     origin: str | None = None
 
+    @property
+    def per_call(self) -> bool:
+        """Whether its sizes follow the call (lengths, batch): data rather than model state."""
+        return bool(self.reads & _PER_CALL)
+
 
 @dataclass(frozen=True)
 class SpecFile:
