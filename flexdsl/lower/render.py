@@ -36,6 +36,7 @@ class KernelSource:
     params: tuple[str, ...]                 # parameter names, in argument order
     tensors: tuple[TensorParam, ...]        # user tensors then derived ones, in argument order
     gradients: tuple[TensorGradient, ...]   # float tensors that receive gradients
+    no_specialize: tuple[str, ...]          # runtime values Triton must not compile for
 
 
 def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivatives, *,
@@ -90,7 +91,7 @@ def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivati
     }
     template = resources.files("flexdsl.kernel").joinpath("templates/attention.py.in")
     text = string.Template(template.read_text()).substitute(fields)
-    return KernelSource(text, params, tuple(tensors), gradients)
+    return KernelSource(text, params, tuple(tensors), gradients, tuple(no_specialize))
 
 
 def _is_pointer(arg: str, tensors) -> bool:

@@ -1,0 +1,68 @@
+"""The catalogue of DESIGN.md as test cases: each spec with parameters and tensor makers.
+
+Lengths are chosen by the tests; makers get (batch, heads, q_len, kv_len, generator, device)
+so every test draws fresh inputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+def documents(count: int):
+    """Sorted document ids covering max(q_len, kv_len) positions, ``count`` random lengths."""
+    def make(batch, heads, q_len, kv_len, gen, device):
+        n = max(q_len, kv_len)
+        cuts = torch.randperm(max(n - 1, 1), generator=gen)[: max(count - 1, 0)] + 1
+        ids = torch.zeros(n, dtype=torch.int64)
+        ids[cuts[cuts < n]] = 1
+        return ids.cumsum(0).to(device)
+    return make
+
+
+def alibi_slopes(batch, heads, q_len, kv_len, gen, device):
+    return torch.tensor([2.0 ** (-8.0 * (i + 1) / heads) for i in range(heads)], device=device)
+
+
+def bias_table(batch, heads, q_len, kv_len, gen, device):
+    return torch.randn(heads, q_len + kv_len, generator=gen).to(device)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    spec: str
+    params: dict = field(default_factory=dict)
+    tensors: dict[str, Callable] = field(default_factory=dict)
+    equal_lengths: bool = False   # lookups indexed by q and kv alike need q_len == kv_len here
+
+    def make_tensors(self, batch, heads, q_len, kv_len, gen, device="cpu", dtype=None):
+        out = {}
+        for name, make in self.tensors.items():
+            value = make(batch, heads, q_len, kv_len, gen, device)
+            if dtype is not None and value.is_floating_point():
+                value = value.to(dtype)
+            out[name] = value
+        return out
+
+
+CATALOGUE = [
+    Case("causal", "where q >= kv"),
+    Case("sliding_window", "where 0 <= q - kv < W", {"W": 24}),
+    Case("prefix_lm", "where kv < P or q >= kv", {"P": 20}),
+    Case("packed_documents", "where doc[q] == doc[kv] and q >= kv",
+         tensors={"doc": documents(4)}),
+    Case("alibi", "score + slope[h] * (kv - q) where q >= kv", tensors={"slope": alibi_slopes}),
+    Case("softcap", "cap * tanh(score / cap) where q >= kv", {"cap": 2.0}),
+    Case("relative_bias", "score + bias[h, q - kv + kv_len]", tensors={"bias": bias_table}),
+    Case("dilated_window", "where abs(q - kv) <= W and (q - kv) % D == 0", {"W": 30, "D": 3}),
+    Case("block_causal", "where q // C >= kv // C", {"C": 12}),
+    Case("neighbourhood_2d", "where abs(q // X - kv // X) <= R and abs(q % X - kv % X) <= R",
+         {"X": 10, "R": 2}),
+    Case("bottom_right_causal", "where q + kv_len - q_len >= kv"),
+    Case("alibi_documents", "score + slope[h] * (kv - q) where q >= kv and doc[q] == doc[kv]",
+         tensors={"slope": alibi_slopes, "doc": documents(3)}),
+]
+BY_NAME = {case.name: case for case in CATALOGUE}

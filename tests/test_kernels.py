@@ -1,0 +1,155 @@
+"""The Triton kernels, run under the interpreter on the CPU, against the float64 reference.
+
+Every catalogue spec, forward and backward, fp32 and fp16, at lengths that are not multiples
+of the 16-wide tiles, with Sq != Skv, grouped-query attention and rows with nothing kept.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import flexdsl
+from flexdsl.kernel import compile as kernel_compile
+
+from catalogue import BY_NAME, CATALOGUE, Case
+
+pytestmark = pytest.mark.skipif(not kernel_compile.interpreting() and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 or a GPU")
+TRITON = flexdsl.KernelOptions(backend="triton")
+# fp32 under the interpreter is exact fp32; fp16 inputs round q, k, v and P to 11 bits.
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3}
+
+
+def _inputs(case: Case, batch, heads, kv_heads, q_len, kv_len, dim, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, q_len, dim, generator=gen).to(dtype)
+    k = torch.randn(batch, kv_heads, kv_len, dim, generator=gen).to(dtype)
+    v = torch.randn(batch, kv_heads, kv_len, dim, generator=gen).to(dtype)
+    tensors = case.make_tensors(batch, heads, q_len, kv_len, gen, dtype=torch.float32)
+    return q, k, v, tensors
+
+
+def _check(case: Case, q_len, kv_len, dtype, *, heads=4, kv_heads=2, dim=16, batch=2,
+           seed=0, backward=True):
+    if case.equal_lengths and q_len != kv_len:
+        pytest.skip("this spec's lookups need equal lengths")
+    attn = flexdsl.compile(case.spec, options=TRITON, **case.params)
+    q, k, v, tensors = _inputs(case, batch, heads, kv_heads, q_len, kv_len, dim, dtype, seed)
+    learn = {n: t.requires_grad_() for n, t in tensors.items() if t.is_floating_point()}
+    for t in (q, k, v):
+        t.requires_grad_()
+    out, lse = attn(q, k, v, return_lse=True, **tensors)
+    assert out.dtype == dtype and out.shape == q.shape
+
+    # The oracle, in float64, on the same (rounded) inputs.
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    t64 = {n: (t.detach().double().requires_grad_() if t.is_floating_point() else t)
+           for n, t in tensors.items()}
+    ref_out, ref_lse = attn.reference(q64, k64, v64, **t64)
+    tol = TOLERANCE[dtype]
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=0)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite), "masked rows must give lse = -inf"
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=tol, rtol=0)
+    if not backward:
+        return
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    inputs = [q, k, v, *learn.values()]
+    grads = torch.autograd.grad(out, inputs, grad)
+    ref_inputs = [q64, k64, v64, *(t64[n] for n in learn)]
+    ref_grads = torch.autograd.grad(ref_out, ref_inputs, grad.double())
+    names = ["dq", "dk", "dv", *(f"d{n}" for n in learn)]
+    for name, got, want in zip(names, grads, ref_grads):
+        scale = max(1.0, want.abs().max().item())
+        assert not torch.isnan(got).any(), name
+        torch.testing.assert_close(got.double() / scale, want / scale, atol=4 * tol, rtol=0,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("case", CATALOGUE, ids=lambda c: c.name)
+def test_catalogue_fp32(case):
+    _check(case, 37, 45, torch.float32)
+
+
+@pytest.mark.parametrize("case", CATALOGUE, ids=lambda c: c.name)
+def test_catalogue_fp16_square(case):
+    _check(case, 33, 33, torch.float16, seed=3)
+
+
+@pytest.mark.parametrize("q_len, kv_len", [(1, 17), (17, 1), (17, 17), (100, 61)])
+@pytest.mark.parametrize("name", ["causal", "prefix_lm", "packed_documents", "softcap"])
+def test_lengths(name, q_len, kv_len):
+    _check(BY_NAME[name], q_len, kv_len, torch.float32, heads=2, kv_heads=1, batch=1,
+           seed=q_len * 7 + kv_len)
+
+
+def test_fully_masked_rows_give_zero_and_minus_inf():
+    # Rows q < kv_len - q_len keep nothing under bottom-right causal with Sq > Skv.
+    attn = flexdsl.compile("where q + kv_len - q_len >= kv", options=TRITON)
+    q, k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 23, 16), torch.randn(1, 2, 23, 16)
+    out, lse = attn(q, k, v, return_lse=True)
+    assert torch.equal(out[:, :, :17], torch.zeros_like(out[:, :, :17]))
+    assert torch.isneginf(lse[:, :, :17]).all() and torch.isfinite(lse[:, :, 17:]).all()
+
+
+def test_unsorted_documents_stay_correct():
+    # The run tensors assume sorted ids; unsorted ones must fall back to masking, not skip.
+    attn = flexdsl.compile("where doc[q] == doc[kv]", options=TRITON)
+    gen = torch.Generator().manual_seed(5)
+    doc = torch.randint(0, 3, (50,), generator=gen)
+    q, k, v = (torch.randn(1, 1, 50, 16, generator=gen) for _ in range(3))
+    out = attn(q, k, v, doc=doc)
+    ref, _ = attn.reference(q, k, v, doc=doc)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+
+
+def test_strided_inputs_and_head_dim_padding():
+    # Non-contiguous views (heads and length swapped) and a head dim of 24, padded to 32.
+    attn = flexdsl.compile("where 0 <= q - kv < W", options=TRITON, W=9)
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 30, 2, 24, generator=gen).transpose(1, 2) for _ in range(3))
+    assert not q.is_contiguous()
+    out = attn(q, k, v)
+    ref, _ = attn.reference(q, k, v)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+
+
+def test_lse_gradient():
+    attn = flexdsl.compile("where q >= kv", options=TRITON)
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 1, 20, 16, generator=gen, requires_grad=True) for _ in range(3))
+    out, lse = attn(q, k, v, return_lse=True)
+    (gq,) = torch.autograd.grad((out.sum() + lse.sum()), [q])
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = attn.reference(q64, k64, v64)
+    (rq,) = torch.autograd.grad(ref_out.sum() + ref_lse.sum(), [q64])
+    torch.testing.assert_close(gq.double(), rq, atol=1e-4, rtol=0)
+
+
+def test_new_lengths_and_parameters_never_render_again():
+    attn = flexdsl.compile("cap * tanh(score / cap) where 0 <= q - kv < W", options=TRITON)
+    gen = torch.Generator().manual_seed(13)
+    before = None
+    for i, (length, window) in enumerate([(5, 3), (17, 3), (31, 8), (40, 8), (23, 100)]):
+        q, k, v = (torch.randn(1, 1, length, 16, generator=gen) for _ in range(3))
+        out = attn(q, k, v, W=window, cap=1.0 + i)
+        ref, _ = attn.reference(q, k, v, W=window, cap=1.0 + i)
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+        if before is None:
+            before = kernel_compile.renders
+    assert kernel_compile.renders == before
+    # Lengths, parameters and tensor sizes are never specialised on by Triton either.
+    source = next(m.source for key, m in kernel_compile._modules.items()
+                  if key[0] == str(attn.spec))
+    assert {"q_len", "kv_len", "p_W", "p_cap"} <= set(source.no_specialize)
+    assert "do_not_specialize=[" in source.text
+
+
+def test_ln_of_lse_matches_torch_convention():
+    attn = flexdsl.compile("score", options=TRITON)
+    q, k, v = torch.zeros(1, 1, 3, 16), torch.zeros(1, 1, 5, 16), torch.randn(1, 1, 5, 16)
+    _, lse = attn(q, k, v, return_lse=True)
+    torch.testing.assert_close(lse, torch.full_like(lse, math.log(5)))
