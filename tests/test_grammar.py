@@ -124,6 +124,13 @@ def test_spans_point_into_the_text():
     assert text[slice(*spec.mask.operands[2].span)] == "W"
 
 
+def test_spans_count_a_tab_as_one_character():
+    text = "score\t+\tbias[\th]\twhere\tq >= kv"
+    spec = parse(text)
+    assert text[slice(*spec.score.right.span)] == "bias[\th]"
+    assert text[slice(*spec.mask.span)] == "q >= kv"
+
+
 def test_call_spans():
     text = "cap * tanh(score / cap)"
     call = parse(text).score.right
@@ -198,6 +205,9 @@ def test_unparse_refuses_what_is_not_a_node():
     ("where", "ends too soon", 5, None),
     ("score + 1e999", "too large for a float", 8, "'inf'"),
     ("where q < 99999999999999999999", "does not fit in 64 bits", 10, None),
+    ("where q < 1" + "0" * 5000, "does not fit in 64 bits", 10, None),
+    ("where\tq\t=\tkv", "'=' is not a comparison", 8, None),
+    ("where\tqq\t>=\tkv\tx", "unexpected 'x'", 15, None),
 ])
 def test_syntax_errors(text, message, column, hint):
     error = raises_at(lambda: parse(text), message, column, kind=SpecSyntaxError)
@@ -207,6 +217,7 @@ def test_syntax_errors(text, message, column, hint):
 
 def test_largest_int64_is_accepted():
     assert parse("where q < 9223372036854775807").mask.operands[1] == Num(2 ** 63 - 1)
+    assert parse("where q < 00000000000000000000000000012").mask.operands[1] == Num(12)
 
 
 @pytest.mark.parametrize("text", [

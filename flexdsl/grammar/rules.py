@@ -13,7 +13,9 @@ import pyparsing as pp
 
 from .. import ir
 
-pp.ParserElement.enable_packrat()
+# The cache lives for one parse_string call; bounding it (pyparsing's default, 128 entries)
+# only makes longer specs re-parse what they already parsed.
+pp.ParserElement.enable_packrat(cache_size_limit=None)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,9 @@ def _number_action(s, loc, toks):
     span = (loc, loc + len(text))
     if any(c in text for c in ".eE"):
         return ir.Num(float(text), span=span)
+    if len(text.lstrip("0")) > 19:
+        # Past 64 bits anyway (and past 4300 digits int() refuses): the parser rejects it.
+        return ir.Num(2 ** 63, span=span)
     return ir.Num(int(text), span=span)
 
 
@@ -161,3 +166,8 @@ def _spec(s, loc, toks):
 
 spec = ((WHERE - expression) | (expression + pp.Optional(WHERE - expression))
         ).add_parse_action(_spec).set_name("a spec")
+
+# pyparsing expands tabs to spaces before parsing unless told not to, which would shift every
+# span after a tab away from the user's text.
+spec.parse_with_tabs()
+expression.parse_with_tabs()
