@@ -1,0 +1,227 @@
+"""The Python API at call time: every wrong input is a SpecCallError that names what is wrong,
+and defaults bound by compile() give way to what a call passes."""
+import math
+
+import pytest
+import torch
+from carets import raises_at
+
+import flexdsl
+from flexdsl import SpecCallError
+
+SPEC = "score + slope[h] * (kv - q) where 0 <= q - kv < W and doc[q] == doc[kv]"
+#        0         1         2         3         4         5         6         7
+#        0123456789012345678901234567890123456789012345678901234567890123456789012345
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def attn():
+    return flexdsl.compile(SPEC)
+
+
+def qkv(batch=2, heads=4, kv_heads=2, q_len=7, kv_len=9, dim=8, dtype=F64):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, heads, q_len, dim, generator=gen, dtype=dtype)
+    k = torch.randn(batch, kv_heads, kv_len, dim, generator=gen, dtype=dtype)
+    v = torch.randn(batch, kv_heads, kv_len, dim, generator=gen, dtype=dtype)
+    return q, k, v
+
+
+def good(**change):
+    """Keyword arguments that SPEC accepts for qkv()'s default shapes, with ``change``."""
+    kwargs = {"W": 3, "slope": torch.tensor([0.5, 0.25, 0.125, 0.0625], dtype=F64),
+              "doc": torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2])}
+    kwargs.update(change)
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def test_a_good_call_matches_the_reference(attn):
+    q, k, v = qkv()
+    out, lse = attn(q, k, v, return_lse=True, **good())
+    want, want_lse = attn.reference(q, k, v, **good())
+    assert out.shape == (2, 4, 7, 8) and lse.shape == (2, 4, 7)
+    assert (out - want).abs().max().item() < 1e-12
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(finite, torch.isfinite(lse))
+    assert (lse[finite] - want_lse[finite]).abs().max().item() < 1e-12
+
+
+def test_call_arguments_override_compile_defaults():
+    q, k, v = qkv()
+    narrow = flexdsl.compile("where 0 <= q - kv < W", W=1)
+    assert torch.allclose(narrow(q, k, v), v.repeat_interleave(2, dim=1)[:, :, :7])
+    wide = narrow(q, k, v, W=100)
+    assert torch.allclose(wide, flexdsl.compile("where q >= kv")(q, k, v), atol=1e-12)
+
+
+def test_scale_is_applied():
+    q, k, v = qkv()
+    attn = flexdsl.compile("score")
+    plain = attn(q, k, v)
+    assert torch.allclose(attn(q, k, v, scale=1 / math.sqrt(8)), plain, atol=1e-12)
+    assert torch.allclose(attn(q * 2, k, v, scale=0.5 / math.sqrt(8)), plain, atol=1e-12)
+    assert not torch.allclose(attn(q, k, v, scale=0.01), plain, atol=1e-3)
+
+
+# -- parameters and tensors: missing, unknown, mistyped -----------------------------------------
+
+@pytest.mark.parametrize("change, message, column", [
+    ({"W": None}, "missing parameter 'W' (int)", 48),
+    ({"slope": None}, "missing tensor 'slope' (float, rank 1)", 8),
+    ({"doc": None}, "missing tensor 'doc' (int, rank 1)", 54),
+    ({"W": 3.5}, "parameter 'W' is an int, got 3.5", 48),
+    ({"W": True}, "parameter 'W' must be a Python number, got bool", 48),
+    ({"W": "3"}, "parameter 'W' must be a Python number, got str", 48),
+    ({"W": torch.tensor(3)}, "parameter 'W' must be a Python number, got Tensor", 48),
+    ({"slope": [0.5] * 4}, "'slope' must be a torch.Tensor, got list", 8),
+    ({"slope": torch.rand(1, 4, dtype=F64)},
+     "'slope' is indexed with 1 index in the spec but has 2 dimensions (shape (1, 4))", 8),
+    ({"doc": torch.zeros(9, 1, dtype=torch.long)}, "'doc' is indexed with 1 index", 54),
+    ({"slope": torch.arange(4)}, "'slope' must hold floats, got torch.int64", 8),
+    ({"doc": torch.zeros(9, dtype=F64)}, "'doc' must hold integers, got torch.float64", 54),
+    ({"doc": torch.zeros(9, dtype=torch.bool)}, "'doc' must hold integers, got torch.bool", 54),
+    ({"slope": torch.rand(4, dtype=F64, device="meta")}, "'slope' is on meta but q is on cpu", 8),
+])
+def test_parameter_and_tensor_errors_name_them(attn, change, message, column):
+    q, k, v = qkv()
+    error = raises_at(lambda: attn(q, k, v, **good(**change)), message, column,
+                      kind=SpecCallError)
+    assert error.spec == SPEC
+    # the oracle validates the same way
+    raises_at(lambda: attn.reference(q, k, v, **good(**change)), message, column)
+
+
+def test_unknown_names_are_refused_with_the_nearest_one(attn):
+    q, k, v = qkv()
+    with pytest.raises(SpecCallError, match="unknown parameter or tensor 'Wx'") as info:
+        attn(q, k, v, **good(Wx=3))
+    assert info.value.hint == "did you mean 'W'?"
+    with pytest.raises(SpecCallError, match="unknown parameter or tensor 'zzz'") as info:
+        attn(q, k, v, **good(zzz=3))
+    assert info.value.hint == "this spec takes W, slope, doc"
+
+
+def test_compile_checks_what_it_binds():
+    raises_at(lambda: flexdsl.compile("where q < W", W=2.5), "parameter 'W' is an int, got 2.5",
+              10, kind=SpecCallError)
+    with pytest.raises(SpecCallError, match="unknown parameter or tensor 'V'") as info:
+        flexdsl.compile("where q < W", V=2)
+    assert info.value.spec == "where q < W"
+    with pytest.raises(SpecCallError, match="unknown parameter or tensor 'W'") as info:
+        flexdsl.compile("where q >= kv", W=2)
+    assert info.value.hint == "this spec takes no parameters or tensors"
+
+
+def test_float_parameters_take_ints_but_not_nan():
+    q, k, v = qkv()
+    attn = flexdsl.compile("cap * tanh(score / cap)")
+    assert torch.allclose(attn(q, k, v, cap=2), attn(q, k, v, cap=2.0))
+    raises_at(lambda: attn(q, k, v, cap=float("nan")), "parameter 'cap' is NaN", 0)
+
+
+# -- q, k and v ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make, message", [
+    (lambda q, k, v: (q[0], k, v), "q must have 4 dimensions (batch, heads, length, head_dim), "
+                                   "got shape (4, 7, 8)"),
+    (lambda q, k, v: (q, k[..., None], v), "k must have 4 dimensions"),
+    (lambda q, k, v: (q, k, v.tolist()), "v must be a torch.Tensor, got list"),
+    (lambda q, k, v: (q.float(), k, v), "q, k and v must share a dtype, got torch.float32, "
+                                        "torch.float64, torch.float64"),
+    (lambda q, k, v: (q.long(), k.long(), v.long()), "q has dtype torch.int64"),
+    (lambda q, k, v: (q, k, v.to("meta")), "q, k and v must be on one device"),
+    (lambda q, k, v: (q, k, v[:, :, :5]), "k and v must agree in batch, heads and length, "
+                                          "got (2, 2, 9, 8) and (2, 2, 5, 8)"),
+    (lambda q, k, v: (q[:1], k, v), "q and k have batch sizes 1 and 2"),
+    (lambda q, k, v: (q[..., :4], k, v), "q and k have head dims 4 and 8"),
+    (lambda q, k, v: (q[:, :3], k, v), "q has 3 heads, k and v 2: for grouped-query attention "
+                                       "the query heads must be a multiple of the key heads"),
+])
+def test_qkv_errors_name_the_input(attn, make, message):
+    q, k, v = make(*qkv())
+    with pytest.raises(SpecCallError) as info:
+        attn(q, k, v, **good())
+    assert message in info.value.message
+    assert info.value.spec == SPEC
+
+
+def test_scale_must_be_a_number(attn):
+    with pytest.raises(SpecCallError, match="scale must be a number, got str"):
+        attn(*qkv(), scale="0.1", **good())
+
+
+# -- tensors too short for the index ranges the spec derives ------------------------------------
+
+def test_too_short_for_the_heads(attn):
+    q, k, v = qkv()
+    error = raises_at(lambda: attn(q, k, v, **good(slope=torch.rand(2, dtype=F64))),
+                      "'slope' is too short: dimension 0 has size 2, but index 'h' reaches 3 "
+                      "(q_len=7, kv_len=9), so it needs size >= 4", 14, 1, kind=SpecCallError)
+    assert error.hint == "'h' spans [0, n_heads - 1]"
+
+
+def test_too_short_for_the_keys(attn):
+    q, k, v = qkv()
+    error = raises_at(lambda: attn(q, k, v, **good(doc=torch.zeros(8, dtype=torch.long))),
+                      "'doc' is too short: dimension 0 has size 8, but index 'kv' reaches 8 "
+                      "(q_len=7, kv_len=9), so it needs size >= 9", 68, 2, kind=SpecCallError)
+    assert error.hint == "'kv' spans [0, kv_len - 1]"
+
+
+def test_too_short_for_a_relative_position():
+    q, k, v = qkv()
+    attn = flexdsl.compile("score + bias[h, q - kv + kv_len]")
+    error = raises_at(lambda: attn(q, k, v, bias=torch.randn(4, 15, dtype=F64)),
+                      "'bias' is too short: dimension 1 has size 15, but index 'q - kv + kv_len' "
+                      "reaches 15 (q_len=7, kv_len=9), so it needs size >= 16", 16, 15,
+                      kind=SpecCallError)
+    assert error.hint == "'q - kv + kv_len' spans [1, kv_len + q_len - 1]"
+    out = attn(q, k, v, bias=torch.randn(4, 16, dtype=F64))  # exactly long enough
+    assert out.shape == q.shape
+
+
+def test_an_index_below_zero():
+    q, k, v = qkv()
+    attn = flexdsl.compile("score + bias[h, q - kv]")
+    raises_at(lambda: attn(q, k, v, bias=torch.randn(4, 16, dtype=F64)),
+              "index 'q - kv' of 'bias' goes down to -8 (q_len=7, kv_len=9); tensors cannot "
+              "be indexed below 0", 16, 6, kind=SpecCallError)
+
+
+def test_an_index_that_data_decides_is_checked_when_evaluated():
+    q, k, v = qkv()
+    attn = flexdsl.compile("score + table[doc[q]]")
+    doc = torch.tensor([0, 1, 2, 5, 0, 0, 0])
+    for call in (attn, attn.reference):
+        raises_at(lambda: call(q, k, v, doc=doc, table=torch.randn(3, dtype=F64)),
+                  "index out of range: table[doc[q]] reaches 5 in dimension 0, whose size is 3",
+                  14, 6)
+    out = attn(q, k, v, doc=doc, table=torch.randn(6, dtype=F64))
+    assert out.shape == q.shape
+
+
+def test_division_by_zero_in_a_parameter():
+    attn = flexdsl.compile("where q // C >= kv // C")
+    raises_at(lambda: attn.reference(*qkv(), C=0), "division by zero in 'q // C'", 11, 1,
+              kind=SpecCallError)
+    # the CPU path plans its tiles first, and the plan refuses C first
+    raises_at(lambda: attn(*qkv(), C=0), "'C'", 11, 1, kind=SpecCallError)
+
+
+# -- errors are SpecErrors whatever the entry point ---------------------------------------------
+
+def test_every_error_is_a_spec_error():
+    assert issubclass(flexdsl.SpecCallError, flexdsl.SpecError)
+    assert issubclass(flexdsl.SpecSyntaxError, flexdsl.SpecError)
+    assert issubclass(flexdsl.SpecTypeError, flexdsl.SpecError)
+    assert issubclass(flexdsl.SpecError, ValueError)
+    with pytest.raises(flexdsl.SpecSyntaxError):
+        flexdsl.compile("where q = kv")
+    with pytest.raises(flexdsl.SpecTypeError):
+        flexdsl.compile("score + slope[x]")
+
+
+def test_compile_caches_the_checked_spec():
+    assert flexdsl.compile("where q >= kv").spec is flexdsl.compile("where q >= kv").spec
+    assert flexdsl.check("where q >= kv") is flexdsl.check("where q >= kv")
