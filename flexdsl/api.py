@@ -67,7 +67,8 @@ class KernelOptions:
     "torch" (the chunked path always). Tile configurations override the defaults per pass."""
     backend: str = "auto"
     forward: Any = None    # flexdsl.kernel.launch.Config
-    backward: Any = None
+    dq: Any = None
+    dkdv: Any = None
 
     def __post_init__(self):
         if self.backend not in ("auto", "triton", "torch"):
@@ -89,6 +90,7 @@ class Attention:
         self.defaults = dict(defaults)
         self.options = options or KernelOptions()
         self.index_ranges = _ranges(spec)
+        self._kernel_keys: dict = {}
 
     @property
     def analysis(self):
@@ -133,13 +135,19 @@ class Attention:
         return self.options.backend == "triton"
 
     def _kernel_key(self, dtype) -> str:
+        key = self._kernel_keys.get(dtype)
+        if key is None:
+            key = self._kernel_keys[dtype] = self._register_kernels(dtype)
+        return key
+
+    def _register_kernels(self, dtype) -> str:
         import torch
 
         from .kernel import compile as kernel_compile
         from .kernel import launch, ops
         fast_tanh = dtype in (torch.float16, torch.bfloat16) and not kernel_compile.interpreting()
         key = repr((str(self.spec), fast_tanh, kernel_compile.interpreting(),
-                    self.options.forward, self.options.backward))
+                    self.options.forward, self.options.dq, self.options.dkdv))
         if key not in ops.registry:
             kernels = kernel_compile.compiled(self.spec, self.analysis, self.derivatives,
                                               fast_tanh=fast_tanh)
@@ -147,8 +155,8 @@ class Attention:
             ops.registry[key] = ops.Entry(
                 kernels, self.analysis, tuple(signature.params),
                 frozenset(n for n, p in signature.params.items() if p.dtype == "int"),
-                tuple(signature.tensors), self.options.forward, self.options.backward)
-        del launch
+                tuple(signature.tensors), self.options.forward,
+                launch.Configs(None, self.options.dq, self.options.dkdv))
         return key
 
     def __repr__(self) -> str:

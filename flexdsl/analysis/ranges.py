@@ -7,7 +7,8 @@ when evaluated.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import sympy
 
@@ -24,6 +25,8 @@ class IndexRange:
     index: ir.Expr
     low: sympy.Expr | None
     high: sympy.Expr | None
+    # The bounds as plain Python functions of named values: no sympy on the call path.
+    _evaluate: object = field(default=None, compare=False, repr=False)
 
     def describe(self) -> str:
         text = ir.unparse(self.index)
@@ -37,13 +40,9 @@ class IndexRange:
         """[low, high] for concrete lengths and parameters, or None if data decides."""
         if self.low is None:
             return None
-        subs = {sympy.Symbol(k, **a): v for k, v in values.items()
-                for a in ({"integer": True}, {"integer": True, "positive": True},
-                          {"integer": True, "nonnegative": True}, {"real": True})}
-        low, high = self.low.subs(subs), self.high.subs(subs)
-        if not (low.is_number and high.is_number):
-            return None
-        return int(sympy.floor(low)), int(sympy.ceiling(high))
+        names, function = self._evaluate
+        low, high = function(*(values[n] for n in names))
+        return math.floor(low), math.ceil(high)
 
 
 def index_ranges(spec: CheckedSpec) -> list[IndexRange]:
@@ -63,7 +62,8 @@ def index_ranges(spec: CheckedSpec) -> list[IndexRange]:
                 seen.add(key)
                 low_high = _range(index, symbols, extents)
                 low, high = low_high if low_high else (None, None)
-                out.append(IndexRange(tensor.name, dim, index, low, high))
+                out.append(IndexRange(tensor.name, dim, index, low, high,
+                                      _compile(low, high) if low_high else None))
     return out
 
 
@@ -90,6 +90,19 @@ def _range(node: ir.Expr, symbols: Symbols, extents) -> tuple | None:
                 return _interval(node, symbols, extents)
         return sympy.simplify(low), sympy.simplify(high)
     return _interval(node, symbols, extents)
+
+
+_PYTHON = {"Min": min, "Max": max, "floor": math.floor, "ceiling": math.ceil}
+
+
+def _compile(low, high):
+    """(names, f) with f(*values) == (low, high), as generated Python arithmetic."""
+    free = sorted({s.name for s in (low.free_symbols | high.free_symbols)})
+    function = sympy.lambdify([sympy.Symbol(n) for n in free],
+                              (low.subs({s: sympy.Symbol(s.name) for s in low.free_symbols}),
+                               high.subs({s: sympy.Symbol(s.name) for s in high.free_symbols})),
+                              modules=[_PYTHON, "math"])
+    return tuple(free), function
 
 
 def _has_lookup(node: ir.Expr) -> bool:

@@ -19,21 +19,27 @@ class Config:
     num_stages: int = 2
 
 
-def default_configs(head_dim: int, dtype: torch.dtype) -> tuple[Config, Config]:
-    """(forward, backward) configurations; small tiles under the interpreter (tests)."""
+@dataclass(frozen=True)
+class Configs:
+    """One configuration per kernel: forward, dq (rows are queries), dk/dv (rows are keys)."""
+    forward: Config
+    dq: Config
+    dkdv: Config
+
+
+def default_configs(head_dim: int, dtype: torch.dtype) -> Configs:
+    """Tile configurations by head dim; small tiles under the interpreter (tests)."""
     if interpreting():
-        return Config(16, 16, 1, 1), Config(16, 16, 1, 1)
+        small = Config(16, 16, 1, 1)
+        return Configs(small, small, small)
     wide = dtype == torch.float32
     if head_dim <= 64:
-        forward = Config(128, 64, 4, 3)
-        backward = Config(64, 64, 4, 2)
-    elif head_dim <= 128:
-        forward = Config(128, 64 if not wide else 32, 8, 3)
-        backward = Config(64, 64 if not wide else 32, 8, 2)
-    else:
-        forward = Config(64, 32, 4, 2)
-        backward = Config(32, 32, 4, 1)
-    return forward, backward
+        return Configs(Config(128, 64, 4, 3), Config(128, 32, 4, 3), Config(32, 128, 4, 3))
+    if head_dim <= 128:
+        if wide:
+            return Configs(Config(64, 32, 4, 2), Config(64, 32, 4, 2), Config(32, 64, 4, 2))
+        return Configs(Config(128, 64, 8, 3), Config(128, 32, 4, 3), Config(32, 128, 4, 3))
+    return Configs(Config(64, 32, 4, 2), Config(64, 16, 4, 2), Config(16, 64, 4, 2))
 
 
 def head_dim_padded(head_dim: int) -> int:
@@ -75,7 +81,7 @@ def forward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, call: Call,
             config: Config | None = None):
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
-    config = config or default_configs(head_dim, q.dtype)[0]
+    config = config or default_configs(head_dim, q.dtype).forward
     out = torch.empty(batch, heads, q_len, head_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=q.device)
     if q_len == 0:
@@ -92,11 +98,13 @@ def forward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, call: Call,
 
 
 def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, grad_out,
-             call: Call, config: Config | None = None, grad_lse=None):
+             call: Call, configs: Configs | None = None, grad_lse=None):
     """dq, dk, dv and a dict of gradients of the float tensors the score uses."""
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
-    config = config or default_configs(head_dim, q.dtype)[1]
+    defaults = default_configs(head_dim, q.dtype)
+    dq_config = configs.dq if configs and configs.dq else defaults.dq
+    dkdv_config = configs.dkdv if configs and configs.dkdv else defaults.dkdv
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     grads = {g.tensor: torch.zeros(call.tensors[g.tensor].shape, dtype=torch.float32,
                                    device=q.device) for g in kernels.source.gradients}
@@ -115,17 +123,22 @@ def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, g
         grad_args.append(g)
         grad_args.extend(g.stride())
     common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    flags = dict(D=head_dim, HEAD_DIM=head_dim_padded(head_dim), BLOCK_M=config.block_m,
-                 BLOCK_N=config.block_n, num_warps=config.num_warps,
-                 num_stages=config.num_stages, **_flags(q))
-    kernels.module.attention_backward_dq[(triton_cdiv(q_len, config.block_m), batch * heads)](
+
+    def flags(config: Config):
+        return dict(D=head_dim, HEAD_DIM=head_dim_padded(head_dim), BLOCK_M=config.block_m,
+                    BLOCK_N=config.block_n, num_warps=config.num_warps,
+                    num_stages=config.num_stages, **_flags(q))
+
+    kernels.module.attention_backward_dq[(triton_cdiv(q_len, dq_config.block_m),
+                                          batch * heads)](
         q, k, v, grad_out, lse, delta, dq, *common, *dq.stride(),
         q_len, kv_len, heads, heads // kv_heads, call.scale, exact_q, *args, *grad_args,
-        **flags)
-    kernels.module.attention_backward_dkdv[(triton_cdiv(kv_len, config.block_n),
+        **flags(dq_config))
+    kernels.module.attention_backward_dkdv[(triton_cdiv(kv_len, dkdv_config.block_n),
                                             batch * kv_heads)](
         q, k, v, grad_out, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(),
-        q_len, kv_len, heads, heads // kv_heads, call.scale, exact_k, *args, **flags)
+        q_len, kv_len, heads, heads // kv_heads, call.scale, exact_k, *args,
+        **flags(dkdv_config))
     return dq, dk, dv, grads
 
 

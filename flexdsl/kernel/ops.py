@@ -25,7 +25,7 @@ class Entry:
     int_params: frozenset[str]
     tensors: tuple[str, ...]         # the order of the op's ``tensors`` list
     forward_config: Optional[launch.Config] = None
-    backward_config: Optional[launch.Config] = None
+    backward_configs: Optional[launch.Configs] = None
 
     @property
     def gradient_tensors(self) -> tuple[str, ...]:
@@ -64,7 +64,8 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     entry = registry[key]
     call = entry.call(scale, params, tensors)
     dq, dk, dv, grads = launch.backward(entry.kernels, entry.analysis, q, k, v, out, lse,
-                                        grad_out, call, entry.backward_config, grad_lse=grad_lse)
+                                        grad_out, call, entry.backward_configs,
+                                        grad_lse=grad_lse)
     return dq, dk, dv, [grads[name].to(call.tensors[name].dtype)
                         for name in entry.gradient_tensors]
 

@@ -91,7 +91,16 @@ class Lowering:
             return f"({self.floating(node.left)} / {self.floating(node.right)})"
         if op in ("//", "%"):
             helper = "_fdiv" if op == "//" else "_fmod"
-            return f"{helper}({self.expr(node.left)}, {self.expr(node.right)})"
+            left, right = self.expr(node.left), self.expr(node.right)
+            if isinstance(node.left, ir.Num):  # the helper converts its operands: give it tensors
+                left = f"({left} + 0 * {right})"
+            if isinstance(node.right, ir.Num) and isinstance(node.left, ir.Num):
+                value = node.left.value // node.right.value if op == "//" else \
+                    node.left.value % node.right.value
+                return repr(value)
+            if isinstance(node.right, ir.Num):
+                return f"{helper}_c({left}, {right})"
+            return f"{helper}({left}, {right})"
         if op == "**":
             exponent = node.right
             if isinstance(exponent, ir.Num) and isinstance(exponent.value, int) \

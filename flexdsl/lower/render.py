@@ -160,12 +160,15 @@ def _describe(c, solved: Solved) -> list[str]:
     return parts or ["every position"]
 
 
-def _dot(a: str, b: str) -> str:
-    return f"_dot({a}, {b}, IEEE)"
+def _dot(a: str, b: str, acc: str = "None") -> str:
+    return f"_dot({a}, {b}, {acc}, IEEE)"
 
 
 def _forward_body(score_code: str, mask: str | None) -> str:
+    """One key tile of the online softmax; ``mask`` None for tiles known to be FULL."""
+    identity = score_code == "s_mod = score"
     lines = [
+        "start_n = tl.multiple_of(start_n, BLOCK_N)",
         "kv_cols = start_n + tl.arange(0, BLOCK_N)",
         "kv_idx = kv_cols[None, :]",
         "kv_ok = kv_idx < kv_len",
@@ -176,20 +179,26 @@ def _forward_body(score_code: str, mask: str | None) -> str:
         "if DOT_F32:",
         "    k = k.to(tl.float32)",
         "    v = v.to(tl.float32)",
-        f"score = {_dot('q', 'k')} * sm_scale",
-        score_code,
+        f"qk = {_dot('q', 'k')}",
     ]
+    if identity:
+        lines.append("s2 = qk * qk_scale")
+    else:
+        lines += ["score = qk * sm_scale", score_code, "s2 = s_mod * _LOG2E"]
     if mask is not None:
         lines.append(f"keep = {mask}")
-        lines.append("s_mod = tl.where(keep, s_mod, -float(\"inf\"))")
+        lines.append("s2 = tl.where(keep, s2, -float(\"inf\"))")
+    lines.append("m_new = tl.maximum(m_i, tl.max(s2, 1))")
+    if mask is None and identity:
+        # A full tile of plain scores is finite: no row can still be -inf after it.
+        lines.append("m_safe = m_new")
+    else:
+        lines.append("m_safe = tl.where(m_new == -float(\"inf\"), 0.0, m_new)")
     lines += [
-        "s2 = s_mod * _LOG2E",
-        "m_new = tl.maximum(m_i, tl.max(s2, 1))",
-        "m_safe = tl.where(m_new == -float(\"inf\"), 0.0, m_new)",
         "alpha = tl.exp2(m_i - m_safe)",
         "p = tl.exp2(s2 - m_safe[:, None])",
         "l_i = l_i * alpha + tl.sum(p, 1)",
-        f"acc = acc * alpha[:, None] + {_dot('p.to(v.dtype)', 'v')}",
+        f"acc = {_dot('p.to(v.dtype)', 'v', 'acc * alpha[:, None]')}",
         "m_i = m_new",
     ]
     return textwrap.indent("\n".join(lines), " " * 8)
@@ -217,6 +226,7 @@ def _gradient_code(g: TensorGradient, tile: Lowering, valid: str) -> list[str]:
 
 def _dq_body(score_code, mask, d_score, gradients, tile: Lowering) -> str:
     lines = [
+        "start_n = tl.multiple_of(start_n, BLOCK_N)",
         "kv_cols = start_n + tl.arange(0, BLOCK_N)",
         "kv_idx = kv_cols[None, :]",
         "kv_ok = kv_idx < kv_len",
@@ -244,43 +254,46 @@ def _dq_body(score_code, mask, d_score, gradients, tile: Lowering) -> str:
         lines.append("dscore = tl.where(keep, dscore, 0.0)")
     for g in gradients:
         lines += _gradient_code(g, tile, valid)
-    lines.append(f"dq += {_dot('dscore.to(k.dtype)', 'tl.trans(k)')}")
+    lines.append(f"dq = {_dot('dscore.to(k.dtype)', 'tl.trans(k)', 'dq')}")
     return textwrap.indent("\n".join(lines), " " * 8)
 
 
 def _dkdv_body(score_code, mask, d_score) -> str:
+    """One query tile for a key tile, in the [BLOCK_N, BLOCK_M] orientation: k and v stay in
+    registers, and dk, dv accumulate as [BLOCK_N, HEAD_DIM]."""
     lines = [
+        "start_m = tl.multiple_of(start_m, BLOCK_M)",
         "q_rows_t = start_m + tl.arange(0, BLOCK_M)",
-        "q_idx = q_rows_t[:, None]",
+        "q_idx = q_rows_t[None, :]",
         "q_ok = q_idx < q_len",
-        "q = tl.load(q_base + q_idx * sqm + offs_d[None, :] * sqd, "
-        "mask=q_ok & d_ok[None, :], other=0.0)",
-        "do = tl.load(do_base + q_idx * sdm + offs_d[None, :] * sdd, "
-        "mask=q_ok & d_ok[None, :], other=0.0)",
+        "q_t = tl.load(q_base + q_idx * sqm + offs_d[:, None] * sqd, "
+        "mask=q_ok & d_ok[:, None], other=0.0)",
+        "do = tl.load(do_base + q_rows_t[:, None] * sdm + offs_d[None, :] * sdd, "
+        "mask=(q_rows_t[:, None] < q_len) & d_ok[None, :], other=0.0)",
         "if DOT_F32:",
-        "    q = q.to(tl.float32)",
+        "    q_t = q_t.to(tl.float32)",
         "    do = do.to(tl.float32)",
         "lse = tl.load(LSE + off_bh.to(tl.int64) * q_len + q_rows_t, mask=q_rows_t < q_len, "
         "other=float(\"inf\"))",
         "lse2 = tl.where(lse == -float(\"inf\"), float(\"inf\"), lse * _LOG2E)",
         "delta = tl.load(DELTA + off_bh.to(tl.int64) * q_len + q_rows_t, "
         "mask=q_rows_t < q_len, other=0.0)",
-        f"score = {_dot('q', 'k')} * sm_scale",
+        f"score = {_dot('k', 'q_t')} * sm_scale",
         score_code,
     ]
     if mask is not None:
         lines.append(f"keep = {mask} & q_ok")
         lines.append("s_mod = tl.where(keep, s_mod, -float(\"inf\"))")
     lines += [
-        "p = tl.exp2(s_mod * _LOG2E - lse2[:, None])",
-        f"dv += {_dot('tl.trans(do)', 'p.to(do.dtype)')}",
-        f"dp = {_dot('do', 'v')}",
-        "ds = p * (dp - delta[:, None])",
+        "p = tl.exp2(s_mod * _LOG2E - lse2[None, :])",
+        f"dv = {_dot('p.to(do.dtype)', 'do', 'dv')}",
+        f"dp = {_dot('v', 'tl.trans(do)')}",
+        "ds = p * (dp - delta[None, :])",
         "dscore = ds" if d_score is None else f"dscore = ds * ({d_score})",
     ]
     if mask is not None:
         lines.append("dscore = tl.where(keep, dscore, 0.0)")
-    lines.append(f"dk += {_dot('tl.trans(q)', 'dscore.to(q.dtype)')}")
+    lines.append(f"dk = {_dot('dscore.to(q_t.dtype)', 'tl.trans(q_t)', 'dk')}")
     return textwrap.indent("\n".join(lines), " " * 12)
 
 

@@ -1,0 +1,65 @@
+"""Sweep tile configurations for each kernel of a spec on the GPU; prints the best per pass.
+
+    python benchmarks/tune.py --spec "where q >= kv" --shape 2x16x4096 --dim 128
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import flexdsl  # noqa: E402
+from flexdsl.kernel.launch import Config  # noqa: E402
+
+FORWARD = [Config(m, n, w, s) for m, n, w, s in itertools.product(
+    (64, 128), (32, 64, 128), (4, 8), (2, 3, 4)) if not (m == 64 and w == 8)]
+DQ = [Config(m, n, w, s) for m, n, w, s in itertools.product(
+    (64, 128), (32, 64), (4, 8), (2, 3, 4))]
+DKDV = [Config(m, n, w, s) for m, n, w, s in itertools.product(
+    (16, 32, 64), (64, 128), (4, 8), (2, 3, 4))]
+
+
+def main():
+    import triton
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spec", default="where q >= kv")
+    parser.add_argument("--shape", default="2x16x4096")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--passes", default="forward,dq,dkdv")
+    parser.add_argument("-p", "--param", action="append", default=[])
+    args = parser.parse_args()
+    params = {k: int(v) for k, v in (p.split("=") for p in args.param)}
+    batch, heads, length = map(int, args.shape.split("x"))
+    q, k, v = (torch.randn(batch, heads, length, args.dim, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))
+    grad = torch.randn_like(q)
+    for name, configs in (("forward", FORWARD), ("dq", DQ), ("dkdv", DKDV)):
+        if name not in args.passes:
+            continue
+        results = []
+        for config in configs:
+            options = flexdsl.KernelOptions(**{name: config})
+            attn = flexdsl.compile(args.spec, options=options, **params)
+            try:
+                if name == "forward":
+                    ms = triton.testing.do_bench(lambda: attn(q, k, v), return_mode="median")
+                else:
+                    out = attn(q, k, v)
+                    ms = triton.testing.do_bench(
+                        lambda: torch.autograd.grad(out, [q, k, v], grad, retain_graph=True),
+                        return_mode="median")
+            except Exception as error:  # out of resources: skip the config
+                print(f"{name} {config}: {type(error).__name__}", flush=True)
+                continue
+            results.append((ms, config))
+        results.sort(key=lambda r: r[0])
+        for ms, config in results[:4]:
+            print(f"{name:8s} {ms:8.3f} ms  {config}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
