@@ -1,0 +1,115 @@
+"""``flexdsl check``: issue 2, items 2 and 3. Exit 0 with the signature, 1 with the caret
+message for a bad spec, 2 for a bad command line."""
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from flexdsl import cli
+
+ISSUE_SPEC = "score + slope[h]*(kv-q) where q>=kv and doc[q]==doc[kv]"
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_issue_spec_lists_its_tensors(capsys):
+    code, out, err = run(capsys, "check", ISSUE_SPEC)
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0] == "spec: score + slope[h] * (kv - q) where q >= kv and doc[q] == doc[kv]"
+    assert "  tensor    slope: float, rank 1, indexed by [h]" in lines
+    assert "  tensor    doc: int, rank 1, indexed by [q] and by [kv]" in lines
+
+
+def test_index_ranges_are_printed(capsys):
+    code, out, _ = run(capsys, "check", "score + bias[h, q - kv + kv_len]")
+    assert code == 0
+    assert ("  index     bias dim 1: q - kv + kv_len in [1, kv_len + q_len - 1], "
+            "needs size >= kv_len + q_len") in out.splitlines()
+
+
+def test_parameters_are_typed_and_bound(capsys):
+    code, out, _ = run(capsys, "check", "cap * tanh(score / cap) where 0 <= q - kv < W",
+                       "-p", "W=128", "--param", "cap=30")
+    assert code == 0
+    lines = out.splitlines()
+    assert "  parameter cap: float" in lines and "  parameter W: int" in lines
+    assert lines[-1] == "bound: W=128, cap=30.0"
+
+
+def test_a_spec_without_names(capsys):
+    code, out, _ = run(capsys, "check", "where q >= kv")
+    assert (code, out) == (0, "spec: where q >= kv\nsignature: no parameters or tensors\n")
+
+
+def test_unknown_name_exits_1_with_the_caret_under_x(capsys):
+    code, out, err = run(capsys, "check", "score + slope[x] where q>=kv")
+    assert code == 1 and out == ""
+    lines = err.splitlines()
+    assert lines[0] == "error: unknown name 'x'"
+    assert lines[1] == "  score + slope[x] where q>=kv"
+    assert lines[2] == "  " + " " * lines[1][2:].index("x") + "^"
+    assert lines[3].startswith("hint: ") and "did you mean 'h'?" in lines[3]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["check", "where q = kv"], "error: '=' is not a comparison"),
+    (["check", ""], "error: the spec is empty"),
+    (["check", "where q < W", "-p", "W=2.5"], "error: parameter 'W' is an int, got 2.5"),
+    (["check", "where q < W", "-p", "V=2"], "error: unknown parameter or tensor 'V'"),
+    (["check", "no_such_spec.toml"], "error: no such spec file: no_such_spec.toml"),
+])
+def test_bad_specs_exit_1(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 1 and out == ""
+    assert err.splitlines()[0] == message
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "the following arguments are required: command"),
+    (["check"], "the following arguments are required: spec"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["check", "where q < W", "-p", "W"], "expected NAME=VALUE, got 'W'"),
+    (["check", "where q < W", "-p", "W=x"], "W: 'x' is not a number"),
+])
+def test_bad_usage_exits_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_spec_file(capsys):
+    code, out, _ = run(capsys, "check", str(ROOT / "specs" / "causal.toml"))
+    assert code == 0
+    assert out.splitlines()[0] == "spec: where q >= kv"
+
+
+def flexdsl_command() -> list[str]:
+    """The installed console script, or the module where no script was installed."""
+    script = pathlib.Path(sys.executable).parent / "flexdsl"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "flexdsl.cli"]
+
+
+def test_the_installed_command(tmp_path):
+    def flexdsl(*argv):
+        return subprocess.run([*flexdsl_command(), *argv], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=120)
+
+    ok = flexdsl("check", ISSUE_SPEC)
+    assert ok.returncode == 0, ok.stderr
+    assert "tensor    doc: int, rank 1, indexed by [q] and by [kv]" in ok.stdout
+
+    bad = flexdsl("check", "score + slope[x] where q>=kv")
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr.splitlines()[1:3] == ["  score + slope[x] where q>=kv",
+                                            "                ^"]
+
+    usage = flexdsl("check")
+    assert usage.returncode == 2 and "usage: flexdsl" in usage.stderr
