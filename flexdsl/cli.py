@@ -53,11 +53,34 @@ def cmd_check(args) -> int:
     print("signature:" if lines else "signature: no parameters or tensors")
     for line in lines:
         print(f"  {line}")
-    for line in api.Attention(checked, {}).index_ranges:
+    attention = api.Attention(checked, params)
+    for line in attention.index_ranges:
         print(f"  index     {line.describe()}")
     if params:
         print("bound: " + ", ".join(f"{k}={v}" for k, v in params.items()))
+    _print_bounds(attention, params)
     return 0
+
+
+def _print_bounds(attention, params) -> None:
+    """The tile analysis: key ranges per query, per query tile, and query ranges per key."""
+    from .analysis.bounds import tile_ranges
+    analysis = attention.analysis
+    if attention.spec.spec.mask is None:
+        print("mask: none; every tile is FULL")
+        return
+    print("keys per query:")
+    for line in analysis.by_query.describe(params, attention.spec):
+        print(f"  {line}")
+    print("keys per query tile [q0, q0 + T):")
+    for line in tile_ranges(analysis.by_query, attention.spec):
+        print(line)
+    print("queries per key (backward):")
+    for line in analysis.by_key.describe(params, attention.spec):
+        print(f"  {line}")
+    if analysis.by_query.positive:
+        print(f"requires {', '.join(analysis.by_query.positive)} > 0 (positions are divided "
+              f"by {'them' if len(analysis.by_query.positive) > 1 else 'it'})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -74,7 +74,9 @@ class Solved:
     def exact(self) -> bool:
         return all(c.exact for c in self.conjunctions)
 
-    def describe(self) -> list[str]:
+    def describe(self, values: dict | None = None, spec: CheckedSpec | None = None) -> list[str]:
+        """One line per conjunction (``kv in [q - W + 1, q]``), its residual conditions with
+        the reason, and with ``values`` the same bounds with those parameters substituted."""
         lines = []
         for i, c in enumerate(self.conjunctions):
             low = _combine("max", c.lower + tuple(d.lower for d in c.documents))
@@ -86,12 +88,65 @@ class Solved:
             if c.rows:
                 line += " when " + " and ".join(ir.unparse(r) for r in c.rows)
             lines.append(line)
+            if values and spec is not None:
+                known = {k: v for k, v in values.items() if k in spec.signature.params}
+                if known and (low is not None or high is not None):
+                    low_v = "0" if low is None else _substitute(low, known, spec)
+                    high_v = (f"{self.col}_len - 1" if high is None
+                              else _substitute(high, known, spec))
+                    bound = ", ".join(f"{k}={v}" for k, v in known.items())
+                    lines.append(f"    with {bound}: {self.col} in [{low_v}, {high_v}]")
             for d in c.documents:
                 lines.append(f"    {d.lower.tensor} and {d.upper.tensor}: the run of "
                              f"{d.tensor} holding {self.row} (exact when {d.tensor} is sorted)")
             for atom, why in c.residual:
                 lines.append(f"    partial: {ir.unparse(atom)}: {why}")
         return lines
+
+
+def tile_ranges(solved: Solved, spec: CheckedSpec) -> list[str]:
+    """The per-row bounds at tile level, in closed form, for a tile of rows [r0, r0 + T).
+
+    Every bound here is monotone in the row (an integer multiple of it, or of ``row // C``,
+    plus terms free of it), so its extremes over a tile sit at the tile's two ends: the tile
+    touches [min of the lower bound, max of the upper bound] and keeps every column of
+    [max of the lower bound, min of the upper bound].
+    """
+    symbols = Symbols(spec)
+    row = symbols[solved.row]
+    start = sympy.Symbol(f"{solved.row}0", integer=True, nonnegative=True)
+    size = sympy.Symbol("T", integer=True, positive=True)
+    ends = (start, start + size - 1)
+    col_len = symbols[f"{solved.col}_len"]
+    lines = []
+    for c in solved.conjunctions:
+        if c.documents or any(_has_lookup(b) for b in c.lower + c.upper):
+            lines.append("  (per row, from the runs of the lookup: no tile formula)")
+            continue
+        lows = [to_sympy(b, symbols) for b in c.lower] or [sympy.Integer(0)]
+        highs = [to_sympy(b, symbols) for b in c.upper] or [col_len - 1]
+        at = [[sympy.Max(*lows).subs(row, e) for e in ends],
+              [sympy.Min(*highs).subs(row, e) for e in ends]]
+        touched = (sympy.Min(*at[0]), sympy.Max(*at[1]))
+        full = (sympy.Max(*at[0]), sympy.Min(*at[1]))
+        text = [ir.unparse(to_ir(sympy.simplify(x), symbols)) for x in (*touched, *full)]
+        line = f"  touches {solved.col} in [{text[0]}, {text[1]}]"
+        if c.exact:
+            line += f", keeps all of [{text[2]}, {text[3]}]"
+        if c.rows:
+            line += " for rows where " + " and ".join(ir.unparse(r) for r in c.rows)
+        lines.append(line.replace(f"{solved.row}0", f"{solved.row}0"))
+    return lines
+
+
+def _has_lookup(node: ir.Expr) -> bool:
+    return any(isinstance(n, ir.Lookup) for n in ir.walk(node))
+
+
+def _substitute(node: ir.Expr, values: dict, spec: CheckedSpec) -> str:
+    symbols = Symbols(spec)
+    expression = to_sympy(node, symbols).subs({symbols[k]: v for k, v in values.items()})
+    return ir.unparse(to_ir(sympy.simplify(expression), symbols))
 
 
 def _combine(func: str, parts: tuple[ir.Expr, ...]) -> ir.Expr | None:
@@ -256,6 +311,9 @@ class _Solver:
             scale = _floor_divisor(unit.args[0], col)
             if isinstance(scale, sympy.Symbol):
                 self.positive.add(str(scale))
+        elif any(isinstance(t, sympy.Mod) and t.has(col) for t in sympy.preorder_traversal(part)):
+            raise _NotSolvable(f"'%' of {self.col} repeats along the row, so the kept keys "
+                               f"are no single range; the mask decides")
         else:
             raise _NotSolvable(f"not of the form a*{self.col} + f({self.row}) "
                                f"or a*({self.col} // C) + f({self.row}) with integer a and a "

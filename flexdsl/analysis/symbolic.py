@@ -98,6 +98,8 @@ def to_ir(expr, symbols: Symbols) -> ir.Expr:
     stay exact integers; lookup symbols become the lookups they stand for.
     """
     names = {s: n for n, s in symbols.table.items()}
+    for free in sympy.sympify(expr).free_symbols:  # symbols made by the caller keep their name
+        names.setdefault(free, free.name)
     return _to_ir(sympy.sympify(expr), names, symbols.lookups)
 
 
