@@ -335,13 +335,13 @@ class _Checker:
                 hint="a tensor has one rank throughout the spec")
         self.ranks.setdefault(name, (rank, node.span))
         self.uses.setdefault(name, []).append(TensorUse(node.indices, node.span))
-        saved, self.in_mask = self.in_mask, False  # an index may not use score either way
         for index in node.indices:
-            if _mentions_score(index):
-                self.in_mask = True
+            score = _score_in(index)
+            if score is not None:  # in the score expression too: a score is not a position
+                raise SpecTypeError("'score' cannot be used in an index", span=score.span,
+                                    hint="indices are int expressions of positions, lengths, "
+                                         "parameters and int lookups")
             self.require_int(self.visit(index), index, "as an index")
-            self.in_mask = False
-        self.in_mask = saved
         self.var(name)
         return frozenset([name])
 
@@ -450,8 +450,8 @@ def _is_near_miss(name: str) -> bool:
     return bool(difflib.get_close_matches(lowered, [ir.SCORE, *ir.LENGTHS], n=1, cutoff=0.8))
 
 
-def _mentions_score(node: ir.Expr) -> bool:
-    return any(isinstance(n, ir.Name) and n.id == ir.SCORE for n in ir.walk(node))
+def _score_in(node: ir.Expr) -> ir.Name | None:
+    return next((n for n in ir.walk(node) if isinstance(n, ir.Name) and n.id == ir.SCORE), None)
 
 
 class Typer:

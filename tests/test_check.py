@@ -52,7 +52,9 @@ CATALOGUE = [
      "'score if cond else -inf'"),
     ("score in mask", "score * 2 where score > 0", "'score' cannot be used in the mask", 16, 5,
      None),
-    ("score in index", "score + bias[score]", "'score' cannot be used in the mask", 13, 5, None),
+    ("score in index", "score + bias[score]", "'score' cannot be used in an index", 13, 5, None),
+    ("score in index", "where doc[q // 2 + floor(score)] > 0", "'score' cannot be used in an index",
+     25, 5, "int expressions"),
     # unbalanced brackets
     ("unbalanced", "score + (q", "'(' is never closed", 8, 1, "add ')'"),
     ("unbalanced", "score + q)", "unmatched ')'", 9, 1, "add the '('"),
