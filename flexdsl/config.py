@@ -272,9 +272,9 @@ class _Document:
 
 def _syntax_place(text: str, path: str, message: str, line: int, column: int) -> SpecError:
     """A file that does not parse: its line with a caret (line and column are 1-based)."""
-    lines = text.splitlines() or [""]
-    line = max(1, min(line, len(lines)))
-    return SpecSyntaxError(message, spec=lines[line - 1], span=(column - 1, column),
+    lines = text.splitlines()
+    shown = lines[line - 1] if 0 < line <= len(lines) else ""  # past the end: an empty line
+    return SpecSyntaxError(message, spec=shown, span=(column - 1, column),
                            origin=f"{path}:{line}:{column}")
 
 
@@ -434,19 +434,17 @@ def _toml_value(text: str, i: int, keys: Keys, regions) -> int:
             if text[i] == ",":
                 i += 1
     elif text[i] == "[":
-        depth = 0
+        i, index = i + 1, 0
         while True:
-            c = text[i]
-            if c in "\"'":
-                i = _toml_string_end(text, i)
-                continue
-            if c == "#":
-                i = _toml_blank(text, i)
-                continue
-            depth += {"[": 1, "]": -1}.get(c, 0)
-            i += 1
-            if depth == 0:
+            i = _toml_blank(text, i)
+            if text[i] == "]":
+                i += 1
                 break
+            i = _toml_value(text, i, (*keys, index), regions)
+            index += 1
+            i = _toml_blank(text, i)
+            if text[i] == ",":
+                i += 1
     elif text[i] in "\"'":
         i = _toml_string_end(text, i)
     else:
