@@ -1,0 +1,415 @@
+"""Specs from config files and dicts: flexdsl.config.load/read, lets, example tensors and the
+file:line:column of every error."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import textwrap
+
+import pytest
+import torch
+
+import flexdsl
+from flexdsl import cli
+from flexdsl.config import (TENSOR_KINDS, example_tensors, load, looks_like_path, read,
+                            read_spec_file, substitute)
+from flexdsl.errors import SpecCallError, SpecError, SpecSyntaxError, SpecTypeError
+from flexdsl.grammar import parse, parse_expression
+
+yaml = pytest.importorskip("yaml")
+
+# One attention table, written in each format, inside a larger model config.
+TABLE = {
+    "name": "documents with a window",
+    "spec": "let near = q - kv < W\nwhere causal and near and doc[q] == doc[kv]",
+    "let": {"causal": "q >= kv"},
+    "params": {"W": 48},
+    "tensors": {"doc": {"kind": "documents", "count": 3}},
+}
+EXPANDED = "where q >= kv and q - kv < W and doc[q] == doc[kv]"
+
+TOML = '''\
+# a model's config
+[model]
+dim = 512
+
+[model.attention]
+name = "documents with a window"
+spec = """
+let near = q - kv < W
+where causal and near and doc[q] == doc[kv]
+"""
+
+[model.attention.let]
+causal = "q >= kv"
+
+[model.attention.params]
+W = 48
+
+[model.attention.tensors.doc]
+kind = "documents"
+count = 3
+'''
+
+YAML = '''\
+model:
+  dim: 512
+  attention:
+    name: documents with a window
+    spec: |
+      let near = q - kv < W
+      where causal and near and doc[q] == doc[kv]
+    let:
+      causal: q >= kv
+    params: {W: 48}
+    tensors:
+      doc: {kind: documents, count: 3}
+'''
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(params=["toml", "yaml", "json"])
+def config_path(request, tmp_path):
+    text = {"toml": TOML, "yaml": YAML,
+            "json": json.dumps({"model": {"dim": 512, "attention": TABLE}}, indent=2)}
+    return write(tmp_path, f"model.{request.param}", text[request.param])
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+def test_every_format_reads_the_same_table(config_path):
+    spec_file = read(config_path, key="model.attention")
+    assert spec_file.spec == EXPANDED
+    assert spec_file.params == {"W": 48}
+    assert spec_file.lets == {"causal": "q >= kv", "near": "q - kv < W"}
+    assert spec_file.name == "documents with a window"
+    assert spec_file.origin == str(config_path)
+    assert spec_file.tensors["doc"].kind == "documents"
+
+
+def test_load_compiles_with_the_table_defaults(config_path):
+    attn = load(config_path, key="model.attention")
+    assert isinstance(attn, flexdsl.Attention)
+    assert str(attn.spec) == EXPANDED and attn.defaults == {"W": 48}
+    assert load(config_path, key="model.attention", W=8).defaults == {"W": 8}
+    # The loaded attention computes what the spec written out in full computes.
+    q, k, v = (torch.randn(1, 2, 40, 8, dtype=torch.float64) for _ in range(3))
+    doc = torch.tensor([0] * 15 + [1] * 25)
+    expected = flexdsl.compile(EXPANDED, W=48).reference(q, k, v, doc=doc)[0]
+    torch.testing.assert_close(attn(q, k, v, doc=doc), expected, atol=1e-12, rtol=0)
+
+
+def test_load_a_dict_with_or_without_a_key():
+    assert read(TABLE).spec == EXPANDED
+    assert read({"model": {"attention": TABLE}}, key="model.attention").spec == EXPANDED
+    assert read({"layers": [{"attention": TABLE}]}, key="layers.0.attention").spec == EXPANDED
+
+
+def test_load_a_string_and_a_bare_spec_entry():
+    assert read("let causal = q >= kv\nwhere causal").spec == "where q >= kv"
+    assert read({"model": {"attention": "where q >= kv"}}, key="model.attention").spec == \
+        "where q >= kv"
+    # Without lets the text is kept as written.
+    assert read({"spec": "where q>=kv"}).spec == "where q>=kv"
+
+
+def test_spec_file_with_key_on_the_command_line(config_path, capsys):
+    target = f"{config_path}#model.attention"
+    assert looks_like_path(target) and not looks_like_path("where q >= kv")
+    assert read_spec_file(target).spec == EXPANDED
+    assert cli.main(["check", target]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"spec: {EXPANDED}\n") and "bound: W=48" in out
+
+
+def test_a_missing_key_names_what_is_there(config_path):
+    with pytest.raises(SpecError, match="no entry 'atention' in model") as info:
+        read(config_path, key="model.atention")
+    assert info.value.hint == "did you mean 'attention'?"
+
+
+def test_missing_file():
+    with pytest.raises(SpecError, match="no such spec file: nowhere.toml"):
+        read("nowhere.toml")
+
+
+# -- lets ----------------------------------------------------------------------------------------
+
+def test_substitution_is_on_the_tree_not_the_text():
+    spec_file = read({"spec": "let near = q - kv\nwhere near * 2 < W and -near <= 3",
+                      "params": {"W": 5}})
+    assert spec_file.spec == "where (q - kv) * 2 < W and -(q - kv) <= 3"
+    assert flexdsl.parse(spec_file.spec) == parse("where (q - kv) * 2 < W and -(q - kv) <= 3")
+
+
+def test_substitute_replaces_names_and_keeps_spans():
+    near = parse_expression("q - kv")
+    node = substitute(parse_expression("abs(near) + near * 2"), {"near": near})
+    assert node == parse_expression("abs(q - kv) + (q - kv) * 2")
+    assert node.args[0].args[0].span == near.span if hasattr(node, "args") else True
+    left = node.left.args[0]
+    assert left is near  # the let's own node, spans included
+
+
+def test_later_lets_use_earlier_ones():
+    spec_file = read({"let": {"causal": "q >= kv", "local": "causal and q - kv < 4"},
+                      "spec": "let keep = local or kv == 0\nwhere keep"})
+    assert spec_file.spec == "where q >= kv and q - kv < 4 or kv == 0"
+
+
+def test_a_let_compiles_like_its_expansion():
+    spec_file = read({"spec": "let bump = slope[h] * (kv - q)\nscore + bump where q >= kv"})
+    attn = flexdsl.compile(spec_file.spec)
+    expected = flexdsl.compile("score + slope[h] * (kv - q) where q >= kv")
+    q, k, v = (torch.randn(1, 2, 9, 4, dtype=torch.float64) for _ in range(3))
+    slope = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    torch.testing.assert_close(attn(q, k, v, slope=slope), expected(q, k, v, slope=slope))
+
+
+@pytest.mark.parametrize("table, error, message", [
+    ({"spec": "let q = kv\nwhere q"}, SpecTypeError, "cannot define 'q'"),
+    ({"spec": "let exp = kv\nwhere exp > 1"}, SpecTypeError, "'exp' is a function"),
+    ({"spec": "let w = kv\nwhere w > 1"}, SpecTypeError, "single lowercase letters"),
+    ({"spec": "let near = kv\nlet near = q\nwhere near > 1"}, SpecTypeError,
+     "defined twice"),
+    ({"spec": "let W = kv\nwhere W > 1", "params": {"W": 1}}, SpecTypeError,
+     "also a parameter"),
+    ({"spec": "let first = second\nlet second = q\nwhere first > 1"}, SpecTypeError,
+     "'second' is used before it is defined"),
+    ({"spec": "let near = q\nwhere near[kv] > 1"}, SpecTypeError,
+     "'near' is a let and cannot be indexed"),
+    ({"spec": "where q > 1\nlet near = q"}, SpecSyntaxError, "let lines come before"),
+    ({"spec": "let near q\nwhere q > 1"}, SpecSyntaxError, "a let line reads"),
+    ({"spec": "let near = q"}, SpecSyntaxError, "the spec is missing after the let lines"),
+    ({"spec": "where near", "let": {"near": 3}}, SpecError, "must be a string"),
+    ({"spec": "where near", "let": {"near": "q +"}}, SpecSyntaxError, "ends too soon"),
+])
+def test_bad_lets(table, error, message):
+    with pytest.raises(error, match=message):
+        read(table)
+
+
+# -- error locations -----------------------------------------------------------------------------
+
+def caret_column(error: SpecError) -> int:
+    """The column (0-based, in the file's line) that the rendered error's caret points at."""
+    lines = str(error).splitlines()
+    caret = next(line for line in lines if line.strip() and set(line.strip()) == {"^"})
+    return caret.index("^") - 2  # excerpts are indented by two spaces
+
+
+def location(error: SpecError) -> tuple[int, int]:
+    match = re.fullmatch(r".*:(\d+):(\d+)", error.origin)
+    return int(match.group(1)), int(match.group(2))
+
+
+def assert_points_at(error: SpecError, path, text: str, line: int, token: str,
+                     occurrence: int = 0):
+    """The error names path:line:column of ``token`` (its ``occurrence``-th on that line), and
+    the excerpt is that line of the file with the caret under it."""
+    file_line = text.splitlines()[line - 1]
+    column = [m.start() for m in re.finditer(re.escape(token), file_line)][occurrence]
+    assert error.origin == f"{path}:{line}:{column + 1}"
+    assert error.spec == file_line
+    assert caret_column(error) == column
+    assert str(error).startswith(f"{path}:{line}:{column + 1}: ")
+
+
+def test_toml_error_in_a_one_line_spec(tmp_path):
+    text = '[model.attention]\nspec = "score + slope[x] where q >= kv"\n'
+    path = write(tmp_path, "model.toml", text)
+    with pytest.raises(SpecTypeError, match="unknown name 'x'") as info:
+        read(path, key="model.attention")
+    assert_points_at(info.value, path, text, 2, "x")
+    assert location(info.value) == (2, 23)
+
+
+def test_toml_error_in_a_multi_line_spec(tmp_path):
+    text = TOML.replace("doc[q] == doc[kv]", "doc[q] == doc[kv] and q // 1.5 > 2")
+    path = write(tmp_path, "model.toml", text)
+    with pytest.raises(SpecTypeError, match="a float is used with '//'") as info:
+        read(path, key="model.attention")
+    assert_points_at(info.value, path, text, 9, "1.5")
+
+
+def test_toml_error_inside_a_let_table_entry(tmp_path):
+    text = TOML.replace('causal = "q >= kv"', 'causal = "q >= kv and (kv + 1)"')
+    path = write(tmp_path, "model.toml", text)
+    with pytest.raises(SpecTypeError, match="'and' needs conditions") as info:
+        read(path, key="model.attention")
+    assert_points_at(info.value, path, text, 13, "kv + 1")
+
+
+def test_an_error_in_a_let_used_by_the_spec_points_at_the_let(tmp_path):
+    """Type errors found only once the let is substituted still point where it is written."""
+    text = TOML.replace("let near = q - kv < W", "let near = q - kv + W")
+    path = write(tmp_path, "model.toml", text)
+    with pytest.raises(SpecTypeError, match="'and' needs conditions") as info:
+        read(path, key="model.attention")
+    assert_points_at(info.value, path, text, 8, "q - kv + W")
+
+
+def test_yaml_error_in_a_block_scalar(tmp_path):
+    text = YAML.replace("near and doc[q]", "near and dok[q, kv] == 1 and doc[q]")
+    text = text.replace("doc[q] == doc[kv]", "doc[q] == doc[kv] and dok[q] == 2")
+    path = write(tmp_path, "model.yaml", text)
+    with pytest.raises(SpecTypeError, match="'dok' is indexed with 1 index here") as info:
+        read(path, key="model.attention")
+    assert_points_at(info.value, path, text, 7, "dok[q]")
+
+
+def test_json_error_in_an_escaped_multi_line_string(tmp_path):
+    table = dict(TABLE, spec="let near = q - kv < W\nwhere causal and nearr")
+    text = json.dumps({"model": {"attention": table}}, indent=1)
+    path = write(tmp_path, "model.json", text)
+    with pytest.raises(SpecTypeError, match="'and' needs conditions") as info:
+        read(path, key="model.attention")
+    line = next(i for i, l in enumerate(text.splitlines(), 1) if "nearr" in l)
+    assert_points_at(info.value, path, text, line, "nearr")
+
+
+def test_parameter_of_the_wrong_type(tmp_path):
+    text = 'spec = "where q - kv < W"\n\n[params]\nW = 2.5\n'
+    path = write(tmp_path, "window.toml", text)
+    with pytest.raises(SpecCallError, match="parameter 'W' is an int, got 2.5") as info:
+        read(path)
+    assert_points_at(info.value, path, text, 4, "2.5")
+
+
+def test_unknown_parameter_and_entry(tmp_path):
+    text = 'spec = "where q - kv < W"\nparam = 3\n'
+    path = write(tmp_path, "window.toml", text)
+    with pytest.raises(SpecError, match="unknown entry 'param'") as info:
+        read(path)
+    assert info.value.hint.startswith("did you mean 'params'?")
+    assert_points_at(info.value, path, text, 2, "3")
+    text = 'spec = "where q - kv < W"\nparams = { W = 3, V = 2 }\n'
+    path = write(tmp_path, "window.toml", text)
+    with pytest.raises(SpecError, match="unknown parameter 'V'") as info:
+        read(path)
+    assert_points_at(info.value, path, text, 2, "2")
+
+
+def test_bad_tensor_recipes(tmp_path):
+    base = 'spec = "score + bias[h, q - kv + kv_len]"\n\n[tensors.bias]\n'
+    cases = [
+        ('kind = "gaussian"\nshape = ["heads", 3]\n', "unknown tensor kind 'gaussian'",
+         4, '"gaussian"'),
+        ('kind = "normal"\nshape = ["heads", "q_len + kvlen"]\n', "unknown size 'kvlen'",
+         5, "kvlen"),
+        ('kind = "normal"\nshape = ["heads"]\n', "rank 2 in the spec", 3, "[tensors.bias]"),
+        ('kind = "normal"\nshape = ["heads", "q_len + kv_len"]\nlearnable = true\n',
+         "size cannot depend on kv_len, q_len", 6, "true"),
+        ('kind = "normal"\nshape = ["heads", 3]\nsdt = 1.0\n', "has no option 'sdt'",
+         6, "1.0"),
+        ('kind = "normal"\nshape = "heads"\n', "shape must be a list", 5, '"heads"'),
+        ('kind = "normal"\nshape = ["heads", 2.5]\n', "a size is an integer", 5, "2.5"),
+        ('kind = "normal"\n', "'normal' needs 'shape'", 3, "[tensors.bias]"),
+    ]
+    for recipe, message, line, token in cases:
+        text = base + recipe
+        path = write(tmp_path, "bias.toml", text)
+        with pytest.raises(SpecError, match=re.escape(message)) as info:
+            read(path)
+        assert_points_at(info.value, path, text, line, token)
+    text = 'spec = "score + bias[kv]"\n[tensors]\nbias = { kind = "documents", count = 3 }\n'
+    path = write(tmp_path, "bias.toml", text)
+    with pytest.raises(SpecError, match="'bias' holds floats in the spec, but 'documents' "
+                                        "makes ints") as info:
+        read(path)
+    assert_points_at(info.value, path, text, 3, "{ kind")
+
+
+@pytest.mark.parametrize("name, text, line, column", [
+    ("bad.toml", 'spec = "where q >= kv"\nparams = {W = }\n', 2, 15),
+    ("bad.json", '{"spec": "where q >= kv",\n "params": {"W": }}\n', 2, 18),
+    ("bad.yaml", "spec: where q >= kv\nparams: {W: 1\n", 3, 1),
+])
+def test_a_file_that_does_not_parse(tmp_path, name, text, line, column):
+    path = write(tmp_path, name, text)
+    with pytest.raises(SpecSyntaxError, match="not valid") as info:
+        read(path)
+    assert info.value.origin == f"{path}:{line}:{column}"
+
+
+def test_errors_without_a_file_name_the_key():
+    with pytest.raises(SpecTypeError) as info:
+        read({"model": {"attention": TABLE | {"let": {"causal": "q >= x"}}}},
+             key="model.attention")
+    assert info.value.origin == "model.attention.let.causal"
+    assert info.value.spec == "q >= x" and info.value.span == (5, 6)
+
+
+# -- example tensors -----------------------------------------------------------------------------
+
+def recipe_file(recipe: dict, spec: str = "score + table[kv]"):
+    return read({"spec": spec, "tensors": {"table": recipe}})
+
+
+def test_example_tensors_are_seeded_per_name():
+    spec_file = read(TABLE)
+    one = example_tensors(spec_file, q_len=50, kv_len=60, seed=3)["doc"]
+    assert torch.equal(one, example_tensors(spec_file, q_len=50, kv_len=60, seed=3)["doc"])
+    assert not torch.equal(one, example_tensors(spec_file, q_len=50, kv_len=60, seed=4)["doc"])
+    assert one.shape == (60,) and one.dtype == torch.int64
+    assert one.unique().tolist() == [0, 1, 2] and bool((one.diff() >= 0).all())
+
+
+def test_alibi_slopes():
+    spec_file = recipe_file({"kind": "alibi_slopes"}, "score + table[h]")
+    slopes = example_tensors(spec_file, heads=8, dtype=torch.float64)["table"]
+    assert slopes.tolist() == [2.0 ** -i for i in range(1, 9)]
+    # 6 heads: the 4 slopes of 4 heads, then every other slope of 8 heads.
+    slopes = example_tensors(spec_file, heads=6, dtype=torch.float64)["table"]
+    assert slopes.tolist() == [2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8, 2.0 ** -1, 2.0 ** -3]
+
+
+def test_t5_buckets():
+    spec_file = read({"spec": "score + table[bucket[q - kv + kv_len]]",
+                      "tensors": {"bucket": {"kind": "t5_buckets", "length": "q_len + kv_len",
+                                             "offset": "kv_len"}}})
+    bucket = example_tensors(spec_file, q_len=600, kv_len=600, only=["bucket"])["bucket"]
+
+    def at(q_minus_kv):
+        return bucket[q_minus_kv + 600].item()
+    # 32 buckets, both directions: 16 each; 8 exact, then logarithmic up to 128.
+    assert [at(d) for d in range(8)] == list(range(8))
+    assert [at(-d) for d in range(1, 8)] == list(range(17, 24))
+    assert at(20) == 8 + int(math.log(20 / 8) / math.log(128 / 8) * 8) == 10
+    assert at(127) == 15 and at(500) == 15 and at(-500) == 31
+
+
+def test_sandwich_and_linspace():
+    spec_file = read({"spec": "score + weight[h] * table[q - kv + kv_len]", "tensors": {
+        "table": {"kind": "sandwich", "length": "q_len + kv_len", "offset": "kv_len",
+                  "dim": 8},
+        "weight": {"kind": "linspace", "length": "heads", "start": 0.5, "stop": 2.0}}})
+    made = example_tensors(spec_file, heads=4, q_len=5, kv_len=7, dtype=torch.float64)
+    table = made["table"]
+    assert table[7].item() == 4.0  # distance 0: dim / 2 cosines of 0
+    expected = sum(math.cos(3 / 10000 ** (2 * i / 8)) for i in range(1, 5))
+    assert table[10].item() == pytest.approx(expected, abs=1e-12)
+    assert made["weight"].tolist() == [0.5, 1.0, 1.5, 2.0]
+
+
+def test_sizes_read_parameters_and_lengths():
+    spec_file = read({"spec": "score + table[h, kv % NB]", "params": {"NB": 6},
+                      "tensors": {"table": {"kind": "normal", "shape": ["heads", "NB * 2"]}}})
+    assert example_tensors(spec_file, heads=3)["table"].shape == (3, 12)
+    assert example_tensors(spec_file, heads=3, params={"NB": 2})["table"].shape == (3, 4)
+    spec_file = recipe_file({"kind": "bernoulli", "shape": ["max(q_len, kv_len) - 1"],
+                             "p": 1.0}, "where table[kv] == 1")
+    made = example_tensors(spec_file, q_len=4, kv_len=9)["table"]
+    assert made.tolist() == [1] * 8
+    with pytest.raises(SpecError, match="needs kv_len, q_len to be made"):
+        example_tensors(spec_file)
+
+
+def test_every_kind_is_documented():
+    assert all(kind.doc for kind in TENSOR_KINDS.values())
