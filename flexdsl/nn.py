@@ -21,6 +21,7 @@ from typing import Any, Mapping, Union
 import torch
 
 from .config import SpecFile, example_tensors, read
+from .errors import SpecCallError
 
 class Attention(torch.nn.Module):
     """Attention by a spec, as a module; ``forward(q, k, v, **params_and_tensors)``.
@@ -38,8 +39,11 @@ class Attention(torch.nn.Module):
         check_names(self.attention.spec, tensors)
         for name, tensor in tensors.items():
             if hasattr(self, name):
-                raise ValueError(f"a tensor named '{name}' would hide the module's own "
-                                 f"attribute; rename it in the spec")
+                spec_text = self.attention.spec.text
+                raise SpecCallError(
+                    f"a tensor named '{name}' would hide an attribute of the module",
+                    spec=spec_text, span=self.attention.spec.signature.tensors[name].uses[0].span,
+                    hint="rename the tensor in the spec")
             if isinstance(tensor, torch.nn.Parameter):
                 self.register_parameter(name, tensor)
             else:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import textwrap
 
 import pytest
 import torch
@@ -204,126 +203,104 @@ def caret_column(error: SpecError) -> int:
     return caret.index("^") - 2  # excerpts are indented by two spaces
 
 
-def location(error: SpecError) -> tuple[int, int]:
-    match = re.fullmatch(r".*:(\d+):(\d+)", error.origin)
-    return int(match.group(1)), int(match.group(2))
-
-
-def assert_points_at(error: SpecError, path, text: str, line: int, token: str,
-                     occurrence: int = 0):
-    """The error names path:line:column of ``token`` (its ``occurrence``-th on that line), and
-    the excerpt is that line of the file with the caret under it."""
-    file_line = text.splitlines()[line - 1]
-    column = [m.start() for m in re.finditer(re.escape(token), file_line)][occurrence]
+def assert_points_at(error: SpecError, path, text: str, token: str, line: int | None = None):
+    """The error names path:line:column of ``token`` (on ``line``, else on the first line that
+    holds it), and the excerpt is that line of the file with the caret under the token."""
+    lines = text.splitlines()
+    line = line or next(i for i, l in enumerate(lines, 1) if token in l)
+    column = lines[line - 1].index(token)
     assert error.origin == f"{path}:{line}:{column + 1}"
-    assert error.spec == file_line
+    assert error.spec == lines[line - 1]
     assert caret_column(error) == column
     assert str(error).startswith(f"{path}:{line}:{column + 1}: ")
 
 
-def test_toml_error_in_a_one_line_spec(tmp_path):
-    text = '[model.attention]\nspec = "score + slope[x] where q >= kv"\n'
-    path = write(tmp_path, "model.toml", text)
-    with pytest.raises(SpecTypeError, match="unknown name 'x'") as info:
+LOCATED = {  # file name, its text, the error, its message, the token the caret is under
+    "toml, one-line spec": (
+        "model.toml", '[model.attention]\nspec = "score + slope[x] where q >= kv"\n',
+        SpecTypeError, "unknown name 'x'", "x]"),
+    "toml, multi-line spec": (
+        "model.toml", TOML.replace("doc[q] == doc[kv]", "doc[q] == doc[kv] and q // 1.5 > 2"),
+        SpecTypeError, "a float is used with '//'", "1.5"),
+    "toml, [let] table entry": (
+        "model.toml", TOML.replace('causal = "q >= kv"', 'causal = "q >= kv and (kv + 1)"'),
+        SpecTypeError, "'and' needs conditions", "kv + 1"),
+    # A type error found only once the let is substituted still points where it is written.
+    "toml, let line used by the spec": (
+        "model.toml", TOML.replace("let near = q - kv < W", "let near = q - kv + W"),
+        SpecTypeError, "'and' needs conditions", "q - kv + W"),
+    "yaml, block scalar": (
+        "model.yaml", YAML.replace("near and doc[q] == doc[kv]",
+                                   "near and dok[q, kv] == 1 and doc[q] == dok[q]"),
+        SpecTypeError, "'dok' is indexed with 1 index here", "dok[q]"),
+    "json, escaped newlines": (
+        "model.json", json.dumps({"model": {"attention": dict(
+            TABLE, spec="let near = q - kv < W\nwhere causal and nearr")}}, indent=1),
+        SpecTypeError, "'and' needs conditions", "nearr"),
+    "yaml, let syntax": (
+        "model.yaml", YAML.replace("causal: q >= kv", "causal: q >= kv +"),
+        SpecSyntaxError, "ends too soon", "\n"),
+}
+
+
+@pytest.mark.parametrize("case", LOCATED)
+def test_errors_point_at_the_file_line_and_column(tmp_path, case):
+    name, text, error, message, token = LOCATED[case]
+    path = write(tmp_path, name, text)
+    with pytest.raises(error, match=message) as info:
         read(path, key="model.attention")
-    assert_points_at(info.value, path, text, 2, "x")
-    assert location(info.value) == (2, 23)
+    if token == "\n":  # the caret stands just past the end of the line
+        line = next(i for i, l in enumerate(text.splitlines(), 1) if l.endswith("kv +"))
+        column = len(text.splitlines()[line - 1])
+        assert info.value.origin == f"{path}:{line}:{column + 1}"
+        assert caret_column(info.value) == column
+    else:
+        assert_points_at(info.value, path, text, token)
+    if case == "toml, one-line spec":  # columns count from 1, as editors do
+        assert info.value.origin == f"{path}:2:23"
 
 
-def test_toml_error_in_a_multi_line_spec(tmp_path):
-    text = TOML.replace("doc[q] == doc[kv]", "doc[q] == doc[kv] and q // 1.5 > 2")
-    path = write(tmp_path, "model.toml", text)
-    with pytest.raises(SpecTypeError, match="a float is used with '//'") as info:
-        read(path, key="model.attention")
-    assert_points_at(info.value, path, text, 9, "1.5")
+BIAS = 'spec = "score + bias[h, q - kv + kv_len]"\n\n[tensors.bias]\n'
+ENTRY_ERRORS = [  # a spec file, the error, its message, the token under the caret, its line
+    ('spec = "where q - kv < W"\n\n[params]\nW = 2.5\n', SpecCallError,
+     "parameter 'W' is an int, got 2.5", "2.5", None),
+    ('spec = "where q - kv < W"\nparam = 3\n', SpecError,
+     "unknown entry 'param'", "3", 2),
+    ('spec = "where q - kv < W"\nparams = { W = 3, V = 2 }\n', SpecError,
+     "unknown parameter 'V'", "2 }", None),
+    (BIAS + 'kind = "gaussian"\nshape = ["heads", 3]\n', SpecError,
+     "unknown tensor kind 'gaussian'", '"gaussian"', None),
+    (BIAS + 'kind = "normal"\nshape = ["heads", "q_len + kvlen"]\n', SpecError,
+     "unknown size 'kvlen'", "kvlen", None),
+    (BIAS + 'kind = "normal"\nshape = ["heads"]\n', SpecError,
+     "rank 2 in the spec", "[tensors.bias]", None),
+    (BIAS + 'kind = "normal"\nshape = ["heads", "q_len + kv_len"]\nlearnable = true\n',
+     SpecError, "size cannot depend on kv_len, q_len", "true", None),
+    (BIAS + 'kind = "normal"\nshape = ["heads", 3]\nsdt = 1.0\n', SpecError,
+     "has no option 'sdt'", "1.0", None),
+    (BIAS + 'kind = "normal"\nshape = "heads"\n', SpecError,
+     "shape must be a list", '"heads"', None),
+    (BIAS + 'kind = "normal"\nshape = ["heads", 2.5]\n', SpecError,
+     "a size is an integer", "2.5", None),
+    (BIAS + 'kind = "normal"\n', SpecError, "'normal' needs 'shape'", "[tensors.bias]", None),
+    ('spec = "score + bias[kv]"\n[tensors]\nbias = { kind = "documents", count = 3 }\n',
+     SpecError, "'bias' holds floats in the spec, but 'documents' makes ints", "{ kind", None),
+]
 
 
-def test_toml_error_inside_a_let_table_entry(tmp_path):
-    text = TOML.replace('causal = "q >= kv"', 'causal = "q >= kv and (kv + 1)"')
-    path = write(tmp_path, "model.toml", text)
-    with pytest.raises(SpecTypeError, match="'and' needs conditions") as info:
-        read(path, key="model.attention")
-    assert_points_at(info.value, path, text, 13, "kv + 1")
-
-
-def test_an_error_in_a_let_used_by_the_spec_points_at_the_let(tmp_path):
-    """Type errors found only once the let is substituted still point where it is written."""
-    text = TOML.replace("let near = q - kv < W", "let near = q - kv + W")
-    path = write(tmp_path, "model.toml", text)
-    with pytest.raises(SpecTypeError, match="'and' needs conditions") as info:
-        read(path, key="model.attention")
-    assert_points_at(info.value, path, text, 8, "q - kv + W")
-
-
-def test_yaml_error_in_a_block_scalar(tmp_path):
-    text = YAML.replace("near and doc[q]", "near and dok[q, kv] == 1 and doc[q]")
-    text = text.replace("doc[q] == doc[kv]", "doc[q] == doc[kv] and dok[q] == 2")
-    path = write(tmp_path, "model.yaml", text)
-    with pytest.raises(SpecTypeError, match="'dok' is indexed with 1 index here") as info:
-        read(path, key="model.attention")
-    assert_points_at(info.value, path, text, 7, "dok[q]")
-
-
-def test_json_error_in_an_escaped_multi_line_string(tmp_path):
-    table = dict(TABLE, spec="let near = q - kv < W\nwhere causal and nearr")
-    text = json.dumps({"model": {"attention": table}}, indent=1)
-    path = write(tmp_path, "model.json", text)
-    with pytest.raises(SpecTypeError, match="'and' needs conditions") as info:
-        read(path, key="model.attention")
-    line = next(i for i, l in enumerate(text.splitlines(), 1) if "nearr" in l)
-    assert_points_at(info.value, path, text, line, "nearr")
-
-
-def test_parameter_of_the_wrong_type(tmp_path):
-    text = 'spec = "where q - kv < W"\n\n[params]\nW = 2.5\n'
-    path = write(tmp_path, "window.toml", text)
-    with pytest.raises(SpecCallError, match="parameter 'W' is an int, got 2.5") as info:
+@pytest.mark.parametrize("text, error, message, token, line", ENTRY_ERRORS)
+def test_errors_in_table_entries_point_at_the_entry(tmp_path, text, error, message, token,
+                                                     line):
+    path = write(tmp_path, "spec.toml", text)
+    with pytest.raises(error, match=re.escape(message)) as info:
         read(path)
-    assert_points_at(info.value, path, text, 4, "2.5")
+    assert_points_at(info.value, path, text, token, line)
 
 
-def test_unknown_parameter_and_entry(tmp_path):
-    text = 'spec = "where q - kv < W"\nparam = 3\n'
-    path = write(tmp_path, "window.toml", text)
+def test_a_near_miss_entry_gets_a_hint():
     with pytest.raises(SpecError, match="unknown entry 'param'") as info:
-        read(path)
+        read({"spec": "where q - kv < W", "param": {"W": 3}})
     assert info.value.hint.startswith("did you mean 'params'?")
-    assert_points_at(info.value, path, text, 2, "3")
-    text = 'spec = "where q - kv < W"\nparams = { W = 3, V = 2 }\n'
-    path = write(tmp_path, "window.toml", text)
-    with pytest.raises(SpecError, match="unknown parameter 'V'") as info:
-        read(path)
-    assert_points_at(info.value, path, text, 2, "2")
-
-
-def test_bad_tensor_recipes(tmp_path):
-    base = 'spec = "score + bias[h, q - kv + kv_len]"\n\n[tensors.bias]\n'
-    cases = [
-        ('kind = "gaussian"\nshape = ["heads", 3]\n', "unknown tensor kind 'gaussian'",
-         4, '"gaussian"'),
-        ('kind = "normal"\nshape = ["heads", "q_len + kvlen"]\n', "unknown size 'kvlen'",
-         5, "kvlen"),
-        ('kind = "normal"\nshape = ["heads"]\n', "rank 2 in the spec", 3, "[tensors.bias]"),
-        ('kind = "normal"\nshape = ["heads", "q_len + kv_len"]\nlearnable = true\n',
-         "size cannot depend on kv_len, q_len", 6, "true"),
-        ('kind = "normal"\nshape = ["heads", 3]\nsdt = 1.0\n', "has no option 'sdt'",
-         6, "1.0"),
-        ('kind = "normal"\nshape = "heads"\n', "shape must be a list", 5, '"heads"'),
-        ('kind = "normal"\nshape = ["heads", 2.5]\n', "a size is an integer", 5, "2.5"),
-        ('kind = "normal"\n', "'normal' needs 'shape'", 3, "[tensors.bias]"),
-    ]
-    for recipe, message, line, token in cases:
-        text = base + recipe
-        path = write(tmp_path, "bias.toml", text)
-        with pytest.raises(SpecError, match=re.escape(message)) as info:
-            read(path)
-        assert_points_at(info.value, path, text, line, token)
-    text = 'spec = "score + bias[kv]"\n[tensors]\nbias = { kind = "documents", count = 3 }\n'
-    path = write(tmp_path, "bias.toml", text)
-    with pytest.raises(SpecError, match="'bias' holds floats in the spec, but 'documents' "
-                                        "makes ints") as info:
-        read(path)
-    assert_points_at(info.value, path, text, 3, "{ kind")
 
 
 @pytest.mark.parametrize("name, text, line, column", [

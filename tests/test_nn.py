@@ -85,5 +85,5 @@ def test_from_config_fixed_tables_are_buffers(tmp_path):
 def test_unknown_tensor_and_hidden_attribute():
     with pytest.raises(SpecCallError, match="unknown parameter or tensor 'slopes'"):
         flexdsl.nn.Attention(ALIBI, slopes=torch.ones(4))
-    with pytest.raises(ValueError, match="would hide the module's own attribute"):
+    with pytest.raises(SpecCallError, match="would hide an attribute of the module"):
         flexdsl.nn.Attention("score + training[h]", training=torch.ones(4))

@@ -34,14 +34,8 @@ class Case:
     k: torch.Tensor
     v: torch.Tensor
     tensors: dict[str, torch.Tensor]
-
-    @property
-    def q_len(self) -> int:
-        return self.q.shape[2]
-
-    @property
-    def kv_len(self) -> int:
-        return self.k.shape[2]
+    q_len: int
+    kv_len: int
 
 
 def make_case(path: pathlib.Path, dtype=torch.float64, seed: int = 0) -> Case:
@@ -54,7 +48,7 @@ def make_case(path: pathlib.Path, dtype=torch.float64, seed: int = 0) -> Case:
     tensors = example_tensors(spec_file, batch=BATCH, heads=HEADS, q_len=q_len,
                               kv_len=kv_len, seed=seed)
     return Case(path, spec_file, flexdsl.compile(spec_file.spec, **spec_file.params),
-                q, k, v, tensors)
+                q, k, v, tensors, q_len, kv_len)
 
 
 @pytest.fixture(scope="module", params=SPECS, ids=lambda p: p.stem)
