@@ -40,12 +40,13 @@ def test_parameters_are_typed_and_bound(capsys):
     assert code == 0
     lines = out.splitlines()
     assert "  parameter cap: float" in lines and "  parameter W: int" in lines
-    assert lines[-1] == "bound: W=128, cap=30.0"
+    assert "bound: W=128, cap=30.0" in lines
 
 
 def test_a_spec_without_names(capsys):
     code, out, _ = run(capsys, "check", "where q >= kv")
-    assert (code, out) == (0, "spec: where q >= kv\nsignature: no parameters or tensors\n")
+    assert code == 0
+    assert out.splitlines()[:2] == ["spec: where q >= kv", "signature: no parameters or tensors"]
 
 
 def test_unknown_name_exits_1_with_the_caret_under_x(capsys):
