@@ -5,10 +5,10 @@
 >>> sorted(attn.spec.signature.tensors)
 ['slope']
 """
-from .api import Attention, KernelOptions, check, compile, parse
+from .api import Attention, KernelOptions, check, compile, load, parse
 from .errors import SpecCallError, SpecError, SpecSyntaxError, SpecTypeError
 from .ir import unparse
 
 __all__ = ["Attention", "KernelOptions", "SpecCallError", "SpecError", "SpecSyntaxError", "SpecTypeError",
-           "check", "compile", "parse", "unparse"]
+           "check", "compile", "load", "parse", "unparse"]
 __version__ = "0.1.0"

@@ -129,6 +129,21 @@ class Attention:
         except SpecError as error:
             raise error.with_spec(self.spec.text) from None
 
+    def to_flex(self, *, q_len: int | None = None, kv_len: int | None = None,
+                **params_and_tensors):
+        """``(score_mod, mask_mod)`` for ``torch.nn.attention.flex_attention`` computing this
+        spec with these parameters and tensors (``q_len``/``kv_len`` if the spec uses them)."""
+        from .interop import to_flex
+        given = {**self.defaults, **params_and_tensors}
+        try:
+            check_names(self.spec, given)
+        except SpecError as error:
+            raise error.with_spec(self.spec.text) from None
+        params = self.spec.signature.params
+        return to_flex(self.spec, {n: v for n, v in given.items() if n in params},
+                       {n: v for n, v in given.items() if n not in params},
+                       q_len=q_len, kv_len=kv_len)
+
     def _uses_kernels(self, q) -> bool:
         if self.options.backend == "auto":
             return q.is_cuda
@@ -195,6 +210,16 @@ class Attention:
             else dtype
         return reference.attention(self.spec, bound.q, bound.k, bound.v, scale=bound.scale,
                                    params=bound.params, tensors=bound.tensors, dtype=dtype)
+
+
+def load(source, key: str | None = None, **params_and_tensors) -> Attention:
+    """An :class:`Attention` from a spec file, a table in a TOML/YAML/JSON config, or a dict.
+
+    ``key`` selects a table by dotted path (``"model.attention"``); the table's parameters are
+    defaults that keyword arguments override. Errors point at the file, line and column.
+    """
+    from .config import load as load_config
+    return load_config(source, key, **params_and_tensors)
 
 
 def compile(spec: SpecLike, *, options: KernelOptions | None = None,  # noqa: A001

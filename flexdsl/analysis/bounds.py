@@ -56,6 +56,8 @@ class Conjunction:
     documents: tuple[Documents, ...]
     residual: tuple[tuple[ir.Expr, str], ...]   # (comparison, why it is not a bound)
 
+    monotone: bool = False   # every bound and row condition moves one way with the row
+
     @property
     def exact(self) -> bool:
         """Whether the bounds alone decide the conjunction (then FULL tiles need no mask)."""
@@ -242,8 +244,37 @@ class _Solver:
                 documents.append(payload)
             else:
                 residual.append((atom, payload))
-        return Conjunction(tuple(_unique(lower)), tuple(_unique(upper)), tuple(_unique(rows)),
-                           tuple(documents), tuple(residual))
+        lower, upper, rows = tuple(_unique(lower)), tuple(_unique(upper)), tuple(_unique(rows))
+        monotone = not documents and all(self.monotone(b) for b in lower + upper) and all(
+            r.ops[0] not in ("==", "!=") and self.monotone(ir.Binary("-", *r.operands))
+            for r in rows)
+        return Conjunction(lower, upper, rows, tuple(documents), tuple(residual), monotone)
+
+    def monotone(self, node: ir.Expr) -> bool:
+        """Whether ``node`` only rises, or only falls, with the row variable: a sum of terms
+        free of it and of ``c * row`` or ``c * (row // C)`` with one sign of ``c``."""
+        if any(isinstance(n, ir.Lookup) for n in ir.walk(node)):
+            return False
+        row = self.symbols[self.row]
+        self.symbols.lookups.clear()
+        directions = set()
+        for term in sympy.Add.make_args(sympy.expand(to_sympy(node, self.symbols))):
+            if not term.has(row):
+                continue
+            factor, dependent = term.as_independent(row, as_Mul=True)
+            sign = _sign(factor, self.positive)
+            if sign is None:
+                return False
+            if dependent == row:
+                directions.add(sign)
+            elif (isinstance(dependent, sympy.floor)
+                  and _floor_divisor(dependent.args[0], row) is not None
+                  and (isinstance(_floor_divisor(dependent.args[0], row), int)
+                       or str(_floor_divisor(dependent.args[0], row)) in self.positive)):
+                directions.add(sign)
+            else:
+                return False
+        return len(directions) <= 1
 
     def atom(self, atom: ir.Compare):
         (a, b), (op,) = atom.operands, atom.ops
@@ -341,6 +372,21 @@ class _Solver:
         lows = [to_ir(sympy.expand(t) if t.is_Add else t, self.symbols) for t in lows]
         highs = [to_ir(sympy.expand(t) if t.is_Add else t, self.symbols) for t in highs]
         return "bounds", (lows, highs)
+
+
+def _sign(factor, positive: set[str]) -> int | None:
+    """+1 or -1 for a product of numbers and parameters known to be positive, else None."""
+    sign = 1
+    for part in sympy.Mul.make_args(factor):
+        if part.is_number:
+            if part == 0:
+                return None
+            sign *= 1 if part > 0 else -1
+        elif isinstance(part, sympy.Symbol) and str(part) in positive:
+            continue
+        else:
+            return None
+    return sign
 
 
 def _is_abs(node: ir.Expr) -> bool:

@@ -10,6 +10,7 @@ O(Sq x Skv). Two views come from the same rows:
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Mapping
@@ -97,35 +98,45 @@ def check_positive(solved: Solved, values: Mapping[str, float], spec: CheckedSpe
                 hint=f"pass {name} >= 1")
 
 
+def _grid(solved: Solved, spec: CheckedSpec, rows: torch.Tensor, *, q_len: int, kv_len: int,
+          batch: int, heads: int, values: Mapping[str, float],
+          tensors: Mapping[str, torch.Tensor]) -> eager.Grid:
+    """Positions with the row variable set to ``rows`` (1-D), for evaluating bounds."""
+    positions = eager.positions(batch, heads, q_len, kv_len, rows.device)
+    positions[solved.row] = rows.view(1, 1, -1, 1)
+    params = {k: v for k, v in values.items() if k in spec.signature.params}
+    return eager.Grid(positions, params, tensors, torch.float64, None, spec.text)
+
+
+def _parts(conjunction, grid: eager.Grid, n_rows: int, cols: int, device):
+    """A conjunction's [low, high] per row before its row conditions, and those conditions."""
+    shape = (1, 1, n_rows)
+    low = torch.zeros(shape, dtype=torch.int64, device=device)
+    high = torch.full(shape, cols - 1, dtype=torch.int64, device=device)
+    for bound in conjunction.lower + tuple(d.lower for d in conjunction.documents):
+        low = torch.maximum(low, _rows(eager.evaluate(bound, grid)))
+    for bound in conjunction.upper + tuple(d.upper for d in conjunction.documents):
+        high = torch.minimum(high, _rows(eager.evaluate(bound, grid)))
+    conditions = [_rows(eager.evaluate(c, grid)) for c in conjunction.rows]
+    return low, high, conditions
+
+
 def row_intervals(solved: Solved, spec: CheckedSpec, *, rows: int, cols: int, batch: int,
                   heads: int, values: Mapping[str, float],
-                  tensors: Mapping[str, torch.Tensor], documents_exact: bool = True,
-                  row_start: int = 0, row_stop: int | None = None):
+                  tensors: Mapping[str, torch.Tensor], documents_exact: bool = True):
     """Per conjunction and row, the interval [low, high] of columns its bounds allow.
 
     Returns ``low``, ``high`` of shape (m, B', H', R) (B', H' are 1 unless bounds depend on b
     or h; an empty interval has low > high) and, per conjunction, whether it is exact.
     """
-    row_stop = rows if row_stop is None else row_stop
     device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
     q_len, kv_len = (rows, cols) if solved.row == "q" else (cols, rows)
-    grid_positions = eager.positions(batch, heads, q_len, kv_len, device)
-    grid_positions[solved.row] = torch.arange(row_start, row_stop, device=device).view(1, 1, -1,
-                                                                                          1)
-    params = {k: v for k, v in values.items() if k in spec.signature.params}
-    grid = eager.Grid(grid_positions, params, tensors, torch.float64, None, spec.text)
-    n_rows = row_stop - row_start
-    shape = (1, 1, n_rows)
+    grid = _grid(solved, spec, torch.arange(rows, device=device), q_len=q_len, kv_len=kv_len,
+                 batch=batch, heads=heads, values=values, tensors=tensors)
     lows, highs, exact = [], [], []
     for c in solved.conjunctions:
-        low = torch.zeros(shape, dtype=torch.int64, device=device)
-        high = torch.full(shape, cols - 1, dtype=torch.int64, device=device)
-        for bound in c.lower + tuple(d.lower for d in c.documents):
-            low = torch.maximum(low, _rows(eager.evaluate(bound, grid)))
-        for bound in c.upper + tuple(d.upper for d in c.documents):
-            high = torch.minimum(high, _rows(eager.evaluate(bound, grid)))
-        for condition in c.rows:
-            keep = _rows(eager.evaluate(condition, grid))
+        low, high, conditions = _parts(c, grid, rows, cols, device)
+        for keep in conditions:
             high = torch.where(keep, high, torch.tensor(-1, device=device))
             low = torch.where(keep, low, torch.tensor(cols, device=device))
         low, high = torch.broadcast_tensors(low, high)
@@ -133,11 +144,10 @@ def row_intervals(solved: Solved, spec: CheckedSpec, *, rows: int, cols: int, ba
         highs.append(high)
         exact.append(c.exact and (documents_exact or not c.documents))
     if not lows:  # the mask is never true
-        lows = [torch.full(shape, cols, dtype=torch.int64, device=device)]
-        highs = [torch.full(shape, -1, dtype=torch.int64, device=device)]
+        lows = [torch.full((1, 1, rows), cols, dtype=torch.int64, device=device)]
+        highs = [torch.full((1, 1, rows), -1, dtype=torch.int64, device=device)]
         exact = [True]
-    low, high = _stack(lows), _stack(highs)
-    return low, high, tuple(exact)
+    return _stack(lows), _stack(highs), tuple(exact)
 
 
 def _rows(value: torch.Tensor) -> torch.Tensor:
@@ -157,15 +167,26 @@ def _stack(items):
 
 @dataclass
 class TilePlan:
-    """The tile plan of one spec for given lengths, tile sizes, parameters and tensors."""
+    """The tile plan of one spec for given lengths, tile sizes, parameters and tensors.
+
+    Per-tile ranges come from closed-form bounds evaluated at each tile's two end rows when
+    every bound is monotone in the row (O(tiles)), else from every row (O(rows)). The exact
+    tile matrix always evaluates every row.
+    """
     analysis: MaskAnalysis
     q_len: int
     kv_len: int
     block_m: int
     block_n: int
-    low: torch.Tensor      # (m, B', H', Sq): per conjunction, first key each query may keep
-    high: torch.Tensor     # last key it may keep
-    exact: tuple[bool, ...]
+    batch: int
+    heads: int
+    values: dict
+    tensors: dict            # the call's tensors and the run tensors of sorted lookups
+    documents_exact: bool
+
+    @property
+    def solved(self) -> Solved:
+        return self.analysis.by_query
 
     @property
     def q_tiles(self) -> int:
@@ -175,27 +196,125 @@ class TilePlan:
     def kv_tiles(self) -> int:
         return -(-self.kv_len // self.block_n)
 
+    @functools.cached_property
+    def _rows(self):
+        return row_intervals(self.solved, self.analysis.spec, rows=self.q_len, cols=self.kv_len,
+                             batch=self.batch, heads=self.heads, values=self.values,
+                             tensors=self.tensors, documents_exact=self.documents_exact)
+
+    @property
+    def low(self) -> torch.Tensor:
+        """(m, B', H', Sq): per conjunction, the first key each query may keep."""
+        return self._rows[0]
+
+    @property
+    def high(self) -> torch.Tensor:
+        """(m, B', H', Sq): per conjunction, the last key each query may keep."""
+        return self._rows[1]
+
+    @property
+    def exact(self) -> tuple[bool, ...]:
+        if not self.solved.conjunctions:
+            return (True,)
+        return tuple(c.exact and (self.documents_exact or not c.documents)
+                     for c in self.solved.conjunctions)
+
     # -- the kernel's view: per query tile, a hull and one fully kept range -----------------
 
-    def kv_ranges(self, q_start: int = 0, q_stop: int | None = None):
-        """(lo, hi, full_lo, full_hi) over the rows [q_start, q_stop), reduced over b and h.
+    def tile_ranges(self) -> torch.Tensor:
+        """Per query tile, (lo, hi, full_lo, full_hi) as an (n_q_tiles, 4) int64 tensor.
 
-        Keys [lo, hi] hold every kept position of these rows; keys [full_lo, full_hi] are kept
-        for all of them (empty when full_lo > full_hi).
+        Keys [lo, hi] hold every kept position of the tile; keys [full_lo, full_hi] are kept
+        by each of its rows (empty when full_lo > full_hi): the kernels' own reduction.
         """
-        q_stop = self.q_len if q_stop is None else q_stop
-        low, high = self.low[..., q_start:q_stop], self.high[..., q_start:q_stop]
-        return _hull_and_full(low, high, self.exact, self.kv_len)
+        conjunctions = self.solved.conjunctions
+        if conjunctions and all(c.monotone for c in conjunctions):
+            parts = self._ends()
+        else:
+            parts = self._every_row()
+        lo = torch.stack([p[0] for p in parts]).amin(0)
+        hi = torch.stack([p[1] for p in parts]).amax(0)
+        best_lo = torch.ones_like(lo)
+        best_hi = torch.zeros_like(hi)
+        for (_, _, full_lo, full_hi), exact in zip(parts, self.exact):
+            if exact:
+                best_lo, best_hi = _merge_full(best_lo, best_hi, full_lo, full_hi)
+        return torch.stack([lo, hi, best_lo, best_hi], dim=1)
+
+    def _ends(self):
+        """(touch_lo, touch_hi, full_lo, full_hi) per conjunction from each tile's end rows.
+
+        A monotone bound has its extremes at the ends, so the full range is exact; a monotone
+        condition holds on a prefix or a suffix, so it holds for some row of a tile when it
+        holds at one end (sound) and for all when at both (exact).
+        """
+        starts = torch.arange(0, self.q_len, self.block_m)
+        ends = torch.clamp(starts + self.block_m - 1, max=self.q_len - 1)
+        rows = torch.cat([starts, ends])
+        n = len(starts)
+        grid = _grid(self.solved, self.analysis.spec, rows, q_len=self.q_len,
+                     kv_len=self.kv_len, batch=self.batch, heads=self.heads,
+                     values=self.values, tensors=self.tensors)
+        out = []
+        for c in self.solved.conjunctions:
+            low, high, conditions = _parts(c, grid, len(rows), self.kv_len, rows.device)
+            low, high = (t.amin((0, 1)) if t.dim() == 3 else t for t in (low, high))
+            low_a, low_b, high_a, high_b = low[:n], low[n:], high[:n], high[n:]
+            some = torch.ones(n, dtype=torch.bool)
+            every = torch.ones(n, dtype=torch.bool)
+            for keep in conditions:
+                keep = keep.reshape(-1, len(rows)).all(0) if keep.dim() == 3 else keep
+                some &= keep[:n] | keep[n:]
+                every &= keep[:n] & keep[n:]
+            touch_lo = torch.minimum(low_a, low_b).clamp(min=0)
+            touch_hi = torch.maximum(high_a, high_b).clamp(max=self.kv_len - 1)
+            touched = some & (touch_lo <= touch_hi)
+            full_lo = torch.maximum(low_a, low_b).clamp(min=0)
+            full_hi = torch.minimum(high_a, high_b).clamp(max=self.kv_len - 1)
+            full = every & (full_lo <= full_hi)
+            out.append((torch.where(touched, touch_lo, self.kv_len),
+                        torch.where(touched, touch_hi, -1),
+                        torch.where(full, full_lo, 1), torch.where(full, full_hi, 0)))
+        return out
+
+    def _every_row(self):
+        """The same from every row: for lookups and non-monotone bounds."""
+        m, nb, nh, rows = self.low.shape
+        tile = torch.arange(rows, device=self.low.device) // self.block_m
+        low = self.low.clamp(min=0).amax((1, 2)) if nb * nh > 1 else self.low.clamp(min=0)[:, 0, 0]
+        high = (self.high.clamp(max=self.kv_len - 1).amin((1, 2)) if nb * nh > 1
+                else self.high.clamp(max=self.kv_len - 1)[:, 0, 0])
+        low_any = self.low.clamp(min=0).amin((1, 2))
+        high_any = self.high.clamp(max=self.kv_len - 1).amax((1, 2))
+        out = []
+        for j in range(m):
+            nonempty = low_any[j] <= high_any[j]
+            touch_lo = _reduce(torch.where(nonempty, low_any[j], self.kv_len), tile, "amin",
+                               self.q_tiles, self.kv_len)
+            touch_hi = _reduce(torch.where(nonempty, high_any[j], -1), tile, "amax",
+                               self.q_tiles, -1)
+            full_lo = _reduce(low[j], tile, "amax", self.q_tiles, -1)
+            full_hi = _reduce(high[j], tile, "amin", self.q_tiles, self.kv_len)
+            empty = full_lo > full_hi
+            out.append((touch_lo, touch_hi, torch.where(empty, 1, full_lo),
+                        torch.where(empty, 0, full_hi)))
+        return out
 
     def kv_blocks(self, q_start: int, q_stop: int):
-        """Key ranges for the CPU path: (start, stop, masked) with the fully kept part unmasked."""
-        lo, hi, full_lo, full_hi = self.kv_ranges(q_start, q_stop)
+        """Key ranges for the CPU path: (start, stop, masked), the fully kept part unmasked.
+
+        ``q_start`` must be a multiple of ``block_m`` and ``q_stop`` the end of that tile."""
+        lo, hi, full_lo, full_hi = self._ranges_table[q_start // self.block_m]
         if lo > hi:
             return []
         if full_lo > full_hi:
             return [(lo, hi + 1, True)]
         parts = [(lo, full_lo, True), (full_lo, full_hi + 1, False), (full_hi + 1, hi + 1, True)]
         return [p for p in parts if p[0] < p[1]]
+
+    @functools.cached_property
+    def _ranges_table(self) -> list[tuple[int, int, int, int]]:
+        return [tuple(r) for r in self.tile_ranges().tolist()]
 
     # -- the exact tile matrix ------------------------------------------------------------
 
@@ -276,6 +395,24 @@ class TilePlan:
         return "\n".join(lines)
 
 
+def _reduce(values: torch.Tensor, tile: torch.Tensor, how: str, tiles: int, fill: int):
+    """Per-tile min or max of per-row values."""
+    out = torch.full((tiles,), fill, dtype=values.dtype, device=values.device)
+    return out.scatter_reduce(0, tile, values, reduce=how, include_self=True)
+
+
+def _merge_full(best_lo, best_hi, lo, hi):
+    """Keep one range kept by every row: merge if touching, else keep the longer (as kernels do)."""
+    valid = lo <= hi
+    none = best_lo > best_hi
+    touch = (lo <= best_hi + 1) & (hi >= best_lo - 1) & ~none
+    longer = (hi - lo) > (best_hi - best_lo)
+    take = valid & (none | (~touch & longer))
+    merge = valid & touch
+    return (torch.where(take, lo, torch.where(merge, torch.minimum(best_lo, lo), best_lo)),
+            torch.where(take, hi, torch.where(merge, torch.maximum(best_hi, hi), best_hi)))
+
+
 def _scatter_count(counts, tile_of_row, first, last):
     """counts[b, h, tile_of_row[r], first[r]] += 1 and [.., last[r]] -= 1 for every row."""
     nb, nh, n_q, width = counts.shape
@@ -309,30 +446,6 @@ def _merge(low: torch.Tensor, high: torch.Tensor):
     yield start, stop
 
 
-def _hull_and_full(low, high, exact, cols):
-    """The kernels' reduction: a hull of all kept keys and one range kept by every row."""
-    low = low.clamp(min=0)
-    high = high.clamp(max=cols - 1)
-    nonempty = low <= high
-    big = cols
-    hull_lo = torch.where(nonempty, low, big).amin().item() if low.numel() else big
-    hull_hi = torch.where(nonempty, high, -1).amax().item() if low.numel() else -1
-    full_lo, full_hi = 1, 0
-    for j in range(low.shape[0]):
-        if not exact[j] or low[j].numel() == 0:
-            continue
-        lo, hi = low[j].amax().item(), high[j].amin().item()
-        if lo > hi:
-            continue
-        if full_lo > full_hi:
-            full_lo, full_hi = lo, hi
-        elif lo <= full_hi + 1 and hi >= full_lo - 1:   # overlapping or adjacent: merge
-            full_lo, full_hi = min(full_lo, lo), max(full_hi, hi)
-        elif hi - lo > full_hi - full_lo:
-            full_lo, full_hi = lo, hi
-    return hull_lo, hull_hi, full_lo, full_hi
-
-
 def plan(spec: CheckedSpec, q_len: int, kv_len: int, *, block_m: int = 128,
          block_n: int = 128, params: Mapping[str, float] | None = None,
          tensors: Mapping[str, torch.Tensor] | None = None, batch: int = 1, heads: int = 1,
@@ -354,11 +467,8 @@ def plan(spec: CheckedSpec, q_len: int, kv_len: int, *, block_m: int = 128,
     values = {"q_len": q_len, "kv_len": kv_len, "n_batch": batch, "n_heads": heads, **params}
     check_positive(analysis.by_query, values, spec)
     aux, documents_exact = document_tensors(analysis.by_query, tensors, q_len, kv_len)
-    low, high, exact = row_intervals(analysis.by_query, spec, rows=q_len, cols=kv_len,
-                                     batch=batch, heads=heads, values=values,
-                                     tensors={**tensors, **aux},
-                                     documents_exact=documents_exact)
-    return TilePlan(analysis, q_len, kv_len, block_m, block_n, low, high, exact)
+    return TilePlan(analysis, q_len, kv_len, block_m, block_n, batch, heads, values,
+                    {**tensors, **aux}, documents_exact)
 
 
 def brute_force_tiles(spec: CheckedSpec, q_len: int, kv_len: int, block_m: int, block_n: int,

@@ -59,7 +59,9 @@ def to_sympy(node: ir.Expr, symbols: Symbols):
         return symbols[node.id]
     if isinstance(node, ir.Lookup):
         key = "__".join([node.tensor, *(_slug(ir.unparse(i)) for i in node.indices)])
-        dtype = symbols.spec.signature.tensors[node.tensor].dtype
+        # Derived run tensors (doc__lo_kv) are not in the signature; they hold positions.
+        tensor = symbols.spec.signature.tensors.get(node.tensor)
+        dtype = tensor.dtype if tensor is not None else "int"
         symbol = (sympy.Symbol(key, real=True) if dtype == FLOAT
                   else sympy.Symbol(key, integer=True))
         symbols.lookups[symbol] = node
