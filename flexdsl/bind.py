@@ -63,8 +63,12 @@ class Bound:
 
 def check_parameter(spec: CheckedSpec, name: str, value) -> int | float:
     """``value`` as the parameter ``name`` wants it, or a SpecCallError saying why not."""
-    param = spec.signature.params[name]
     text = spec.text
+    if name in spec.signature.tensors:  # e.g. ``flexdsl check ... -p doc=3``
+        raise SpecCallError(f"'{name}' is a tensor, not a parameter", spec=text,
+                            span=spec.signature.tensors[name].uses[0].span,
+                            hint=f"pass a tensor at call time: attn(q, k, v, {name}=...)")
+    param = spec.signature.params[name]
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or _is_tensor(value):
         raise SpecCallError(
             f"parameter '{name}' must be a Python number, got {type(value).__name__}",

@@ -31,6 +31,15 @@ class Num:
     value: Union[int, float]
     span: Span | None = _span()
 
+    # 2 and 2.0 are different literals (one is an int, the other a float: 'q // 2.0' is an
+    # error), though Python finds them equal.
+    def __eq__(self, other) -> bool:
+        return (type(other) is Num and type(self.value) is type(other.value)
+                and self.value == other.value)
+
+    def __hash__(self) -> int:
+        return hash((type(self.value), self.value))
+
 
 @dataclass(frozen=True)
 class Const:

@@ -64,6 +64,7 @@ def test_unknown_name_exits_1_with_the_caret_under_x(capsys):
     (["check", ""], "error: the spec is empty"),
     (["check", "where q < W", "-p", "W=2.5"], "error: parameter 'W' is an int, got 2.5"),
     (["check", "where q < W", "-p", "V=2"], "error: unknown parameter or tensor 'V'"),
+    (["check", "score + slope[h]", "-p", "slope=2"], "error: 'slope' is a tensor, not a parameter"),
     (["check", "no_such_spec.toml"], "error: no such spec file: no_such_spec.toml"),
 ])
 def test_bad_specs_exit_1(capsys, argv, message):

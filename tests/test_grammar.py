@@ -67,6 +67,8 @@ def test_numbers_keep_their_kind():
     assert type(expr("2").value) is int
     assert type(expr("2.0").value) is float
     assert type(expr("2e0").value) is float
+    assert parse("where q // 2 == 1") != parse("where q // 2.0 == 1")
+    assert hash(Num(2)) != hash(Num(2.0)) and Num(2) == Num(2) and Num(2.0) == Num(2.0)
 
 
 @pytest.mark.parametrize("op", ["+", "-", "*", "/", "//", "%", "**", "and", "or"])
