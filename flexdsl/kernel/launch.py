@@ -33,12 +33,13 @@ def default_configs(head_dim: int, dtype: torch.dtype) -> Configs:
         small = Config(16, 16, 1, 1)
         return Configs(small, small, small)
     wide = dtype == torch.float32
+    # From benchmarks/tune.py on an H200 (bf16, B=2 H=16 S=4096, causal).
     if head_dim <= 64:
-        return Configs(Config(128, 64, 4, 3), Config(128, 32, 4, 3), Config(32, 128, 4, 3))
+        return Configs(Config(128, 64, 4, 3), Config(64, 64, 4, 3), Config(64, 64, 4, 3))
     if head_dim <= 128:
         if wide:
             return Configs(Config(64, 32, 4, 2), Config(64, 32, 4, 2), Config(32, 64, 4, 2))
-        return Configs(Config(128, 64, 8, 3), Config(128, 32, 4, 3), Config(32, 128, 4, 3))
+        return Configs(Config(128, 64, 8, 3), Config(128, 64, 8, 3), Config(64, 64, 4, 2))
     return Configs(Config(64, 32, 4, 2), Config(64, 16, 4, 2), Config(16, 64, 4, 2))
 
 
