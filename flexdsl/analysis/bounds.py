@@ -28,7 +28,7 @@ from ..check import INT, CheckedSpec
 from .symbolic import Symbols, to_ir, to_sympy
 
 # Above this many conjunctions the analysis gives up (soundly: the whole mask is residual).
-MAX_CONJUNCTIONS = 8
+MAX_CONJUNCTIONS = 16
 
 _FLIP = {"<": ">=", "<=": ">", ">": "<=", ">=": "<", "==": "!=", "!=": "=="}
 _MIRROR = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}
@@ -239,7 +239,7 @@ class _Solver:
                 lower.extend(lows)
                 upper.extend(highs)
             elif kind == "row":
-                rows.append(atom)
+                rows.append(self.without_column(atom))
             elif kind == "documents":
                 documents.append(payload)
             else:
@@ -278,7 +278,7 @@ class _Solver:
 
     def atom(self, atom: ir.Compare):
         (a, b), (op,) = atom.operands, atom.ops
-        uses_col = self.mentions(atom, self.col)
+        uses_col = self.mentions(atom, self.col) and not self.cancels(a, b)
         if not uses_col:
             if self.lookup_mentions(atom, self.row) or not self.lookup_free(atom):
                 # Row filters with data in them are fine per row, but keep it simple and sound.
@@ -299,6 +299,23 @@ class _Solver:
             return self.isolate(a, op, b)
         except _NotSolvable as why:
             return "residual", str(why)
+
+    def without_column(self, atom: ir.Compare) -> ir.Compare:
+        """A row condition that names the column only to cancel it, rewritten without it."""
+        if not self.mentions(atom, self.col):
+            return atom
+        (a, b), (op,) = atom.operands, atom.ops
+        self.symbols.lookups.clear()
+        difference = sympy.expand(to_sympy(a, self.symbols) - to_sympy(b, self.symbols))
+        return ir.Compare((to_ir(difference, self.symbols), ir.Num(0)), (op,))
+
+    def cancels(self, a: ir.Expr, b: ir.Expr) -> bool:
+        """Whether the column variable vanishes from ``a - b`` (``0 * kv``, ``kv - kv``)."""
+        if not (self.lookup_free(a) and self.lookup_free(b)):
+            return False
+        self.symbols.lookups.clear()
+        difference = sympy.expand(to_sympy(a, self.symbols) - to_sympy(b, self.symbols))
+        return not difference.has(self.symbols[self.col])
 
     def mentions(self, node: ir.Expr, name: str) -> bool:
         return any(isinstance(n, ir.Name) and n.id == name for n in ir.walk(node))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -60,11 +61,12 @@ def document_tensors(solved: Solved, tensors: Mapping[str, torch.Tensor], q_len:
             table = tensors[d.tensor]
             # Training loops pass the same ids many times: reuse the runs (and skip the sync
             # of the sortedness check) until the tensor is written to.
-            key = (d.lower.tensor, table.data_ptr(), table._version, tuple(table.shape),
-                   str(table.device), row_len, col_len)
+            # Keyed by identity (a weak reference: a new tensor may reuse a freed address)
+            # and by version (an in-place write changes it).
+            key = (d.lower.tensor, id(table), table._version, row_len, col_len)
             cached = _runs.get(key)
-            if cached is not None:
-                low, high, ordered = cached
+            if cached is not None and cached[3]() is table:
+                low, high, ordered, _ = cached
                 out[d.lower.tensor], out[d.upper.tensor] = low, high
                 exact = exact and ordered
                 continue
@@ -82,7 +84,7 @@ def document_tensors(solved: Solved, tensors: Mapping[str, torch.Tensor], q_len:
             out[d.upper.tensor] = high.to(out[d.lower.tensor].dtype)
             if len(_runs) > 64:
                 _runs.clear()
-            _runs[key] = (out[d.lower.tensor], out[d.upper.tensor], ordered)
+            _runs[key] = (out[d.lower.tensor], out[d.upper.tensor], ordered, weakref.ref(table))
     return out, exact
 
 
@@ -101,9 +103,18 @@ def check_positive(solved: Solved, values: Mapping[str, float], spec: CheckedSpe
 def _grid(solved: Solved, spec: CheckedSpec, rows: torch.Tensor, *, q_len: int, kv_len: int,
           batch: int, heads: int, values: Mapping[str, float],
           tensors: Mapping[str, torch.Tensor]) -> eager.Grid:
-    """Positions with the row variable set to ``rows`` (1-D), for evaluating bounds."""
-    positions = eager.positions(batch, heads, q_len, kv_len, rows.device)
-    positions[solved.row] = rows.view(1, 1, -1, 1)
+    """Positions with the row variable set to ``rows`` (1-D), for evaluating bounds.
+
+    Bounds never mention the column variable, so it gets no grid (at 128k tokens building
+    one would cost more than the whole plan)."""
+    device = rows.device
+    positions = {
+        "b": torch.arange(batch, device=device).view(-1, 1, 1, 1),
+        "h": torch.arange(heads, device=device).view(1, -1, 1, 1),
+        solved.row: rows.view(1, 1, -1, 1),
+        "q_len": torch.tensor(q_len, device=device),
+        "kv_len": torch.tensor(kv_len, device=device),
+    }
     params = {k: v for k, v in values.items() if k in spec.signature.params}
     return eager.Grid(positions, params, tensors, torch.float64, None, spec.text)
 
@@ -118,6 +129,7 @@ def _parts(conjunction, grid: eager.Grid, n_rows: int, cols: int, device):
     for bound in conjunction.upper + tuple(d.upper for d in conjunction.documents):
         high = torch.minimum(high, _rows(eager.evaluate(bound, grid)))
     conditions = [_rows(eager.evaluate(c, grid)) for c in conjunction.rows]
+    low, high, *conditions = torch.broadcast_tensors(low, high, *conditions)
     return low, high, conditions
 
 
@@ -258,19 +270,20 @@ class TilePlan:
         out = []
         for c in self.solved.conjunctions:
             low, high, conditions = _parts(c, grid, len(rows), self.kv_len, rows.device)
-            low, high = (t.amin((0, 1)) if t.dim() == 3 else t for t in (low, high))
-            low_a, low_b, high_a, high_b = low[:n], low[n:], high[:n], high[n:]
+            # Over batches and heads: the hull takes the widest, the full range the narrowest.
+            low_min, low_max = low.amin((0, 1)), low.amax((0, 1))
+            high_min, high_max = high.amin((0, 1)), high.amax((0, 1))
             some = torch.ones(n, dtype=torch.bool)
             every = torch.ones(n, dtype=torch.bool)
             for keep in conditions:
-                keep = keep.reshape(-1, len(rows)).all(0) if keep.dim() == 3 else keep
-                some &= keep[:n] | keep[n:]
-                every &= keep[:n] & keep[n:]
-            touch_lo = torch.minimum(low_a, low_b).clamp(min=0)
-            touch_hi = torch.maximum(high_a, high_b).clamp(max=self.kv_len - 1)
+                any_bh, all_bh = keep.any(0).any(0), keep.all(0).all(0)
+                some &= any_bh[:n] | any_bh[n:]
+                every &= all_bh[:n] & all_bh[n:]
+            touch_lo = torch.minimum(low_min[:n], low_min[n:]).clamp(min=0)
+            touch_hi = torch.maximum(high_max[:n], high_max[n:]).clamp(max=self.kv_len - 1)
             touched = some & (touch_lo <= touch_hi)
-            full_lo = torch.maximum(low_a, low_b).clamp(min=0)
-            full_hi = torch.minimum(high_a, high_b).clamp(max=self.kv_len - 1)
+            full_lo = torch.maximum(low_max[:n], low_max[n:]).clamp(min=0)
+            full_hi = torch.minimum(high_min[:n], high_min[n:]).clamp(max=self.kv_len - 1)
             full = every & (full_lo <= full_hi)
             out.append((torch.where(touched, touch_lo, self.kv_len),
                         torch.where(touched, touch_hi, -1),

@@ -1,0 +1,144 @@
+"""Tile plans against brute force: exact for affine specs, sound for everything else.
+
+Brute force evaluates the mask at every position and classifies each tile; the plan must
+agree tile by tile when every condition is affine, and otherwise never call a tile FULL that
+drops a position nor EMPTY that keeps one.
+"""
+from __future__ import annotations
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import flexdsl
+from flexdsl.analysis.plan import EMPTY, FULL, brute_force_tiles, plan
+
+LENGTHS = st.sampled_from([1, 17, 232, 1000]) | st.integers(1, 300)
+TILES = st.sampled_from([16, 32, 64, 128])
+OPS = st.sampled_from(["<", "<=", ">", ">=", "==", "!="])
+
+
+@st.composite
+def affine(draw):
+    """``a*q + b*kv + c*P + d OP e*W`` with small integer coefficients."""
+    a, b = draw(st.integers(-3, 3)), draw(st.integers(-3, 3))
+    terms = [f"{a} * q", f"{b} * kv", f"{draw(st.integers(-1, 1))} * P"]
+    if draw(st.booleans()):
+        terms.append(draw(st.sampled_from(["q_len", "kv_len", "-q_len", "-kv_len"])))
+    left = " + ".join(terms) + f" + {draw(st.integers(-60, 60))}"
+    return f"{left} {draw(OPS)} {draw(st.integers(-1, 1))} * W"
+
+
+def combine(atoms):
+    return st.recursive(
+        atoms,
+        lambda inner: st.one_of(
+            st.tuples(inner, inner).map(lambda p: f"({p[0]}) and ({p[1]})"),
+            st.tuples(inner, inner).map(lambda p: f"({p[0]}) or ({p[1]})"),
+            inner.map(lambda x: f"not ({x})"),
+        ),
+        max_leaves=4,
+    )
+
+
+def _assert_sound(tile_plan, truth):
+    planned = tile_plan.tiles()
+    planned, truth = torch.broadcast_tensors(planned, truth)
+    assert not ((planned == FULL) & (truth != FULL)).any(), "FULL tile with a masked position"
+    assert not ((planned == EMPTY) & (truth != EMPTY)).any(), "EMPTY tile with a kept position"
+    # The kernels' ranges: every kept tile inside the hull, full ranges only over FULL tiles.
+    ranges = tile_plan.tile_ranges()
+    n = tile_plan.block_n
+    for i, (lo, hi, full_lo, full_hi) in enumerate(ranges.tolist()):
+        for j in range(tile_plan.kv_tiles):
+            first, last = j * n, min((j + 1) * n, tile_plan.kv_len) - 1
+            if (truth[..., i, j] != EMPTY).any():
+                assert lo <= last and hi >= first, f"tile ({i}, {j}) kept but outside the hull"
+            if full_lo <= first and last <= full_hi:
+                assert (truth[..., i, j] == FULL).all(), f"tile ({i}, {j}) is not full"
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(mask=combine(affine()), q_len=LENGTHS, kv_len=LENGTHS, block_m=TILES, block_n=TILES,
+       P=st.integers(0, 300), W=st.integers(0, 300))
+def test_affine_plans_are_exact(mask, q_len, kv_len, block_m, block_n, P, W):
+    attn = flexdsl.compile(f"where {mask}")
+    params = {k: v for k, v in {"P": P, "W": W}.items() if k in attn.spec.signature.params}
+    tile_plan = attn.plan(q_len, kv_len, block_m=block_m, block_n=block_n, **params)
+    assert all(tile_plan.exact), attn.analysis.describe()
+    truth = brute_force_tiles(attn.spec, q_len, kv_len, block_m, block_n, params)
+    assert torch.equal(tile_plan.tiles(), truth), f"{mask}\n{tile_plan}\n{truth[0, 0]}"
+    _assert_sound(tile_plan, truth)
+
+
+def _documents(length, count, sort, seed):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, count, (length,), generator=gen)
+    return ids.sort().values if sort else ids
+
+
+ANYTHING = st.sampled_from([
+    "doc[q] == doc[kv]", "doc[q] != doc[kv]", "(q - kv) % D == 0", "q // C >= kv // C",
+    "abs(q - kv) <= W", "min(q, P) >= kv", "start[kv] <= q", "kv < P", "q >= kv",
+    "abs(q // C - kv // C) <= 1 and abs(q % C - kv % C) <= 2", "max(q - W, 0) <= kv",
+    "q * q >= kv", "doc[q] > 1",
+])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(mask=combine(ANYTHING), length=LENGTHS, block_m=TILES, block_n=TILES,
+       sort=st.booleans(), seed=st.integers(0, 10**6), C=st.integers(1, 40),
+       D=st.integers(1, 9), P=st.integers(0, 300), W=st.integers(0, 300))
+def test_plans_are_sound_for_everything(mask, length, block_m, block_n, sort, seed, C, D, P, W):
+    attn = flexdsl.compile(f"where {mask}")
+    names = {"C": C, "D": D, "P": P, "W": W,
+             "doc": _documents(length, 5, sort, seed),
+             "start": torch.randint(0, length, (length,),
+                                    generator=torch.Generator().manual_seed(seed + 1))}
+    given_ = {k: v for k, v in names.items()
+              if k in attn.spec.signature.params or k in attn.spec.signature.tensors}
+    tile_plan = attn.plan(length, length, block_m=block_m, block_n=block_n, **given_)
+    params = {k: v for k, v in given_.items() if k in attn.spec.signature.params}
+    tensors = {k: v for k, v in given_.items() if k in attn.spec.signature.tensors}
+    truth = brute_force_tiles(attn.spec, length, length, block_m, block_n, params, tensors)
+    _assert_sound(tile_plan, truth)
+
+
+@settings(max_examples=100, deadline=None)
+@given(length=LENGTHS, count=st.integers(1, 20), block=TILES, seed=st.integers(0, 10**6),
+       causal=st.booleans())
+def test_sorted_documents_are_exact(length, count, block, seed, causal):
+    spec = "where doc[q] == doc[kv]" + (" and q >= kv" if causal else "")
+    attn = flexdsl.compile(spec)
+    doc = _documents(length, count, True, seed)
+    tile_plan = attn.plan(length, length, block_m=block, block_n=block, doc=doc)
+    truth = brute_force_tiles(attn.spec, length, length, block, block, {}, {"doc": doc})
+    assert torch.equal(tile_plan.tiles(), truth)
+
+
+def test_text_map_and_density():
+    tile_plan = flexdsl.compile("where 0 <= q - kv < W").plan(64, block_m=16, block_n=16,
+                                                                  W=20)
+    text = str(tile_plan)
+    # Rows 32..47 keep keys [13, 47]: the first key tile only partly, the next two too.
+    assert text.splitlines()[1:5] == ["+...", "++..", "+++.", ".+++"]
+    kept = sum(min(q + 1, 20) for q in range(64))
+    assert abs(tile_plan.density() - kept / 64 ** 2) < 1e-12
+
+
+def test_cpu_path_skips_empty_tiles_and_unmasks_full_ones():
+    attn = flexdsl.compile("where 0 <= q - kv < W")
+    tile_plan = attn.plan(1000, block_m=128, block_n=256, W=300)
+    blocks = tile_plan.kv_blocks(512, 640)
+    # Rows 512..639 keep keys [213, 639]; keys [340, 512] are kept by all of them.
+    assert blocks == [(213, 340, True), (340, 513, False), (513, 640, True)]
+
+
+def test_plan_reports_a_non_positive_divisor():
+    attn = flexdsl.compile("where q // C >= kv // C")
+    try:
+        attn.plan(100, C=0)
+    except flexdsl.SpecError as error:
+        assert "'C' must be positive" in str(error)
+    else:
+        raise AssertionError("C=0 must be refused")
