@@ -202,7 +202,12 @@ def _check_ranges(bound: Bound, ranges: list[IndexRange]) -> None:
     values = bound.values()
     lengths = f"q_len={bound.q_len}, kv_len={bound.kv_len}"
     for r in ranges:
-        limits = r.bounds(values)
+        try:
+            limits = r.bounds(values)
+        except ValueError as why:   # a parameter made an index infinite
+            raise SpecCallError(str(why), spec=bound.spec.text, span=r.index.span,
+                                hint="indices must be finite integers; check the parameters"
+                                ) from None
         if limits is None:
             continue
         low, high = limits

@@ -50,9 +50,7 @@ def cmd_check(args) -> int:
     try:
         checked = api.check(text)
         params.update(dict(args.param or []))
-        check_names(checked, {k: v for k, v in params.items()
-                              if k in checked.signature.params or k not in
-                              checked.signature.tensors})
+        check_names(checked, params)
         params = {k: check_parameter(checked, k, v) for k, v in params.items()}
     except SpecError as error:
         raise error.with_spec(text, origin) from None

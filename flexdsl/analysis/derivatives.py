@@ -31,7 +31,7 @@ class ScoreDerivatives:
     @property
     def identity(self) -> bool:
         """True when dS == dP: the score expression is score plus terms free of it."""
-        return self.d_score == ir.Num(1)
+        return self.d_score in (ir.Num(1), ir.Num(1.0))
 
 
 def score_derivatives(spec: CheckedSpec) -> ScoreDerivatives:

@@ -41,7 +41,12 @@ class IndexRange:
         if self.low is None:
             return None
         names, function = self._evaluate
-        low, high = function(*(values[n] for n in names))
+        try:
+            low, high = function(*(values[n] for n in names))
+        except (OverflowError, ValueError, ZeroDivisionError):
+            low = high = math.inf
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(f"index '{ir.unparse(self.index)}' is not finite here")
         return math.floor(low), math.ceil(high)
 
 
