@@ -43,6 +43,41 @@ def default_configs(head_dim: int, dtype: torch.dtype) -> Configs:
     return Configs(Config(64, 32, 4, 2), Config(64, 16, 4, 2), Config(16, 64, 4, 2))
 
 
+_fitted: dict[tuple, Config] = {}
+
+
+def _fallbacks(config: Config, shrink: str):
+    """``config``, then fewer pipeline stages, then a smaller ``shrink`` tile (the tile that
+    does not set the grid), for kernels whose shared memory does not fit."""
+    size = getattr(config, shrink)
+    while True:
+        for stages in range(config.num_stages, 0, -1):
+            yield Config(**{**config.__dict__, "num_stages": stages, shrink: size})
+        if size <= 16:
+            return
+        size //= 2
+
+
+def run_fitted(kernel, grid, args, config: Config, shrink: str, **constants):
+    """Launch ``kernel``; if the configuration's shared memory does not fit this GPU, the next
+    smaller one that does (remembered, so the search happens once per kernel and shape)."""
+    from triton.runtime.errors import OutOfResources
+    key = (id(kernel), config, tuple(sorted(constants.items())))
+    candidates = [_fitted[key]] if key in _fitted else _fallbacks(config, shrink)
+    error = None
+    for candidate in candidates:
+        try:
+            kernel[grid](*args, BLOCK_M=candidate.block_m, BLOCK_N=candidate.block_n,
+                         num_warps=candidate.num_warps, num_stages=candidate.num_stages,
+                         **constants)
+        except OutOfResources as why:
+            error = why
+            continue
+        _fitted[key] = candidate
+        return candidate
+    raise error
+
+
 def head_dim_padded(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
@@ -89,12 +124,10 @@ def forward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, call: Call,
         return out, lse
     args, exact_q, _ = spec_arguments(kernels, analysis, q, k, call)
     grid = (triton_cdiv(q_len, config.block_m), batch * heads)
-    kernels.module.attention_forward[grid](
-        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        q_len, kv_len, heads, heads // kv_heads, call.scale, exact_q, *args,
-        D=head_dim, HEAD_DIM=head_dim_padded(head_dim), BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
-        **_flags(q))
+    run_fitted(kernels.module.attention_forward, grid,
+               (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                q_len, kv_len, heads, heads // kv_heads, call.scale, exact_q, *args),
+               config, "block_n", D=head_dim, HEAD_DIM=head_dim_padded(head_dim), **_flags(q))
     return out, lse
 
 
@@ -125,21 +158,17 @@ def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, g
         grad_args.extend(g.stride())
     common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
 
-    def flags(config: Config):
-        return dict(D=head_dim, HEAD_DIM=head_dim_padded(head_dim), BLOCK_M=config.block_m,
-                    BLOCK_N=config.block_n, num_warps=config.num_warps,
-                    num_stages=config.num_stages, **_flags(q))
-
-    kernels.module.attention_backward_dq[(triton_cdiv(q_len, dq_config.block_m),
-                                          batch * heads)](
-        q, k, v, grad_out, lse, delta, dq, *common, *dq.stride(),
-        q_len, kv_len, heads, heads // kv_heads, call.scale, exact_q, *args, *grad_args,
-        **flags(dq_config))
-    kernels.module.attention_backward_dkdv[(triton_cdiv(kv_len, dkdv_config.block_n),
-                                            batch * kv_heads)](
-        q, k, v, grad_out, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(),
-        q_len, kv_len, heads, heads // kv_heads, call.scale, exact_k, *args,
-        **flags(dkdv_config))
+    constants = dict(D=head_dim, HEAD_DIM=head_dim_padded(head_dim), **_flags(q))
+    run_fitted(kernels.module.attention_backward_dq,
+               (triton_cdiv(q_len, dq_config.block_m), batch * heads),
+               (q, k, v, grad_out, lse, delta, dq, *common, *dq.stride(),
+                q_len, kv_len, heads, heads // kv_heads, call.scale, exact_q, *args, *grad_args),
+               dq_config, "block_n", **constants)
+    run_fitted(kernels.module.attention_backward_dkdv,
+               (triton_cdiv(kv_len, dkdv_config.block_n), batch * kv_heads),
+               (q, k, v, grad_out, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(),
+                q_len, kv_len, heads, heads // kv_heads, call.scale, exact_k, *args),
+               dkdv_config, "block_m", **constants)
     return dq, dk, dv, grads
 
 
