@@ -185,11 +185,9 @@ class Attention:
                  **params_and_tensors):
         bound = self.bind(q, k, v, scale=scale, **params_and_tensors)
         if self._uses_kernels(bound.q):
-            import torch
-
-            from .kernel import ops  # noqa: F401  (registers torch.ops.flexdsl)
+            from .kernel import ops
             key = self._kernel_key(bound.q.dtype)
-            out, lse = torch.ops.flexdsl.attention(
+            out, lse = ops.run(
                 bound.q, bound.k, bound.v, [bound.tensors[n] for n in self.spec.signature.tensors],
                 [float(bound.params[n]) for n in self.spec.signature.params], key, bound.scale)
         else:

@@ -98,3 +98,44 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("flexdsl::attention", _backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The same forward and backward as the custom op, for eager calls: the op's dispatcher
+    and argument flattening cost more than a short kernel takes."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key, scale, params, *tensors):
+        entry = registry[key]
+        out, lse = launch.forward(entry.kernels, entry.analysis, q, k, v,
+                                  entry.call(scale, params, list(tensors)), entry.forward_config)
+        ctx.save_for_backward(q, k, v, out, lse, *tensors)
+        ctx.key, ctx.scale, ctx.params = key, scale, params
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, *tensors = ctx.saved_tensors
+        entry = registry[ctx.key]
+        call = entry.call(ctx.scale, ctx.params, tensors)
+        dq, dk, dv, grads = launch.backward(entry.kernels, entry.analysis, q, k, v, out, lse,
+                                            grad_out.contiguous() if grad_out.stride(-1) != 1
+                                            else grad_out, call, entry.backward_configs,
+                                            grad_lse=grad_lse)
+        tensor_grads = [grads[name].to(t.dtype) if name in grads else None
+                        for name, t in zip(entry.tensors, tensors)]
+        return (dq, dk, dv, None, None, None, *tensor_grads)
+
+
+def run(q, k, v, tensors: list, params: list, key: str, scale: float):
+    """(out, lse): the custom op while torch.compile traces, the lighter path otherwise."""
+    if torch.compiler.is_compiling():
+        return attention(q, k, v, tensors, params, key, scale)
+    needs_grad = torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad
+        or any(t.requires_grad for t in tensors))
+    if not needs_grad:
+        entry = registry[key]
+        return launch.forward(entry.kernels, entry.analysis, q, k, v,
+                              entry.call(scale, params, tensors), entry.forward_config)
+    return _EagerAttention.apply(q, k, v, key, scale, params, *tensors)
