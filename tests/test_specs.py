@@ -112,3 +112,49 @@ def test_reference_matches_cpu_path(case):
     assert not out.isnan().any() and not lse.isnan().any()
     torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-10)
+
+
+def test_tile_plan_is_sound(case):
+    """The plan never calls a tile FULL that drops a position, nor EMPTY that keeps one."""
+    from flexdsl.analysis.plan import EMPTY, FULL, brute_force_tiles
+    params = case.attention.defaults
+    tile_plan = case.attention.plan(case.q_len, case.kv_len, block_m=32, block_n=16,
+                                    batch=BATCH, heads=HEADS, **case.tensors)
+    truth = brute_force_tiles(case.attention.spec, case.q_len, case.kv_len, 32, 16,
+                              {n: v for n, v in params.items()
+                               if n in case.attention.spec.signature.params},
+                              case.tensors, batch=BATCH, heads=HEADS)
+    planned, truth = torch.broadcast_tensors(tile_plan.tiles(), truth)
+    assert not ((planned == FULL) & (truth != FULL)).any()
+    assert not ((planned == EMPTY) & (truth != EMPTY)).any()
+
+
+def test_kernels_match_the_reference(case):
+    """The Triton kernels (the interpreter on a CPU), forward and backward, in float32."""
+    from flexdsl.kernel import compile as kernel_compile
+    if not kernel_compile.interpreting() and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 or a GPU")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    attention = flexdsl.compile(case.spec_file.spec, options=flexdsl.KernelOptions(
+        backend="triton"), **case.spec_file.params)
+    # Fewer heads and shorter (still odd) lengths keep the interpreter quick; GQA stays (2:1).
+    q_len, kv_len = (45, 45) if case.spec_file.self_attention else (37, 45)
+    q = case.q[:1, :2, :q_len].float().to(device).requires_grad_()
+    k, v = (t[:1, :1, :kv_len].float().to(device).requires_grad_() for t in (case.k, case.v))
+    tensors = {n: (t.float() if t.is_floating_point() else t).to(device)
+               for n, t in _example(case, q_len, kv_len).items()}
+    out = attention(q, k, v, **tensors)
+    grad = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, [q, k, v], grad)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    t64 = {n: (t.double() if t.is_floating_point() else t) for n, t in tensors.items()}
+    ref, _ = attention.reference(q64, k64, v64, **t64)
+    rq, rk, rv = torch.autograd.grad(ref, [q64, k64, v64], grad.double())
+    for got, want in ((out, ref), (dq, rq), (dk, rk), (dv, rv)):
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got.double() / scale, want / scale, atol=1e-4, rtol=0)
+
+
+def _example(case, q_len, kv_len) -> dict[str, torch.Tensor]:
+    """The file's example tensors for one batch, two heads and these lengths."""
+    return example_tensors(case.spec_file, batch=1, heads=2, q_len=q_len, kv_len=kv_len, seed=1)
