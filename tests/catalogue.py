@@ -66,3 +66,30 @@ CATALOGUE = [
          tensors={"slope": alibi_slopes, "doc": documents(3)}),
 ]
 BY_NAME = {case.name: case for case in CATALOGUE}
+
+
+def compiled_step_matches_eager(attn, *, heads: int, length: int, device="cpu",
+                                dtype=torch.float32, tolerance=None) -> None:
+    """A model step (projection, attention with a learnable slope, loss) under
+    ``torch.compile(fullgraph=True)`` gives the eager loss and gradients: flexdsl is a custom
+    op the compiler calls without a graph break."""
+    torch.manual_seed(0)
+    width = heads * 16
+    proj = torch.nn.Linear(width, 3 * width, device=device, dtype=dtype)
+    slope = torch.rand(heads, device=device, requires_grad=True)
+
+    def step(x):
+        q, k, v = proj(x).view(1, -1, 3, heads, 16).permute(2, 0, 3, 1, 4)
+        return attn(q, k, v, slope=slope).float().square().mean()
+
+    x = torch.randn(1, length, width, device=device, dtype=dtype)
+    eager_loss = step(x)
+    eager_grads = torch.autograd.grad(eager_loss, [proj.weight, slope])
+    loss = torch.compile(step, fullgraph=True)(x)
+    grads = torch.autograd.grad(loss, [proj.weight, slope])
+    torch.testing.assert_close(loss, eager_loss)
+    for got, want in zip(grads, eager_grads):
+        if tolerance is None:
+            torch.testing.assert_close(got, want)
+        else:
+            torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)

@@ -13,7 +13,7 @@ import torch
 import flexdsl
 from flexdsl.kernel import compile as kernel_compile
 
-from catalogue import BY_NAME, CATALOGUE, Case
+from catalogue import BY_NAME, CATALOGUE, Case, compiled_step_matches_eager
 
 pytestmark = pytest.mark.skipif(not kernel_compile.interpreting() and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 or a GPU")
@@ -156,22 +156,5 @@ def test_ln_of_lse_matches_torch_convention():
 
 
 def test_torch_compile_fullgraph_matches_eager():
-    # The kernels are a custom op: a compiled model calls them without a graph break.
     attn = flexdsl.compile("score + slope[h] * (kv - q) where q >= kv", options=TRITON)
-    torch.manual_seed(0)
-    proj = torch.nn.Linear(32, 3 * 32)
-    slope = torch.rand(2, requires_grad=True)
-
-    def step(x):
-        q, k, v = proj(x).view(1, -1, 3, 2, 16).permute(2, 0, 3, 1, 4)
-        return attn(q, k, v, slope=slope).square().mean()
-
-    x = torch.randn(1, 40, 32)
-    eager_loss = step(x)
-    eager_grads = torch.autograd.grad(eager_loss, [proj.weight, slope])
-    compiled = torch.compile(step, fullgraph=True)
-    loss = compiled(x)
-    grads = torch.autograd.grad(loss, [proj.weight, slope])
-    torch.testing.assert_close(loss, eager_loss)
-    for got, want in zip(grads, eager_grads):
-        torch.testing.assert_close(got, want)
+    compiled_step_matches_eager(attn, heads=2, length=40)

@@ -224,6 +224,25 @@ def _gradient_code(g: TensorGradient, tile: Lowering, valid: str) -> list[str]:
     return [f"tl.atomic_add({pointer}, tl.sum(tl.sum({value}, 1), 0))"]
 
 
+def _recompute(product: str, score_code: str, keep: str | None, rows: str, dp: str,
+               d_score: str | None) -> list[str]:
+    """The backward's shared middle: scores again, P from the saved log-sum-exp, and
+    dscore = P * (dP - delta) * d(score expression)/d(score). ``rows`` broadcasts a per-query
+    vector over the tile's orientation; masked positions get a zero dscore."""
+    lines = [f"score = {product} * sm_scale", score_code]
+    if keep is not None:
+        lines += [f"keep = {keep}", "s_mod = tl.where(keep, s_mod, -float(\"inf\"))"]
+    lines += [
+        f"p = tl.exp2(s_mod * _LOG2E - lse2{rows})",
+        f"dp = {dp}",
+        f"ds = p * (dp - delta{rows})",
+        "dscore = ds" if d_score is None else f"dscore = ds * ({d_score})",
+    ]
+    if keep is not None:
+        lines.append("dscore = tl.where(keep, dscore, 0.0)")
+    return lines
+
+
 def _dq_body(score_code, mask, d_score, gradients, tile: Lowering) -> str:
     lines = [
         "start_n = tl.multiple_of(start_n, BLOCK_N)",
@@ -237,21 +256,9 @@ def _dq_body(score_code, mask, d_score, gradients, tile: Lowering) -> str:
         "if DOT_F32:",
         "    k = k.to(tl.float32)",
         "    v = v.to(tl.float32)",
-        f"score = {_dot('q', 'k')} * sm_scale",
-        score_code,
-    ]
-    if mask is not None:
-        lines.append(f"keep = {mask}")
-        lines.append("s_mod = tl.where(keep, s_mod, -float(\"inf\"))")
-    lines += [
-        "p = tl.exp2(s_mod * _LOG2E - lse2[:, None])",
-        f"dp = {_dot('do', 'v')}",
-        "ds = p * (dp - delta[:, None])",
-        "dscore = ds" if d_score is None else f"dscore = ds * ({d_score})",
+        *_recompute(_dot("q", "k"), score_code, mask, "[:, None]", _dot("do", "v"), d_score),
     ]
     valid = "keep & q_ok" if mask is not None else "q_ok & kv_ok"
-    if mask is not None:
-        lines.append("dscore = tl.where(keep, dscore, 0.0)")
     for g in gradients:
         lines += _gradient_code(g, tile, valid)
     lines.append(f"dq = {_dot('dscore.to(k.dtype)', 'tl.trans(k)', 'dq')}")
@@ -278,22 +285,11 @@ def _dkdv_body(score_code, mask, d_score) -> str:
         "lse2 = tl.where(lse == -float(\"inf\"), float(\"inf\"), lse * _LOG2E)",
         "delta = tl.load(DELTA + off_bh.to(tl.int64) * q_len + q_rows_t, "
         "mask=q_rows_t < q_len, other=0.0)",
-        f"score = {_dot('k', 'q_t')} * sm_scale",
-        score_code,
-    ]
-    if mask is not None:
-        lines.append(f"keep = {mask} & q_ok")
-        lines.append("s_mod = tl.where(keep, s_mod, -float(\"inf\"))")
-    lines += [
-        "p = tl.exp2(s_mod * _LOG2E - lse2[None, :])",
+        *_recompute(_dot("k", "q_t"), score_code, None if mask is None else f"{mask} & q_ok",
+                    "[None, :]", _dot("v", "tl.trans(do)"), d_score),
         f"dv = {_dot('p.to(do.dtype)', 'do', 'dv')}",
-        f"dp = {_dot('v', 'tl.trans(do)')}",
-        "ds = p * (dp - delta[None, :])",
-        "dscore = ds" if d_score is None else f"dscore = ds * ({d_score})",
+        f"dk = {_dot('dscore.to(q_t.dtype)', 'tl.trans(q_t)', 'dk')}",
     ]
-    if mask is not None:
-        lines.append("dscore = tl.where(keep, dscore, 0.0)")
-    lines.append(f"dk = {_dot('dscore.to(q_t.dtype)', 'tl.trans(q_t)', 'dk')}")
     return textwrap.indent("\n".join(lines), " " * 12)
 
 
