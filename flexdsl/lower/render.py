@@ -225,7 +225,7 @@ def _gradient_code(g: TensorGradient, tile: Lowering, valid: str) -> list[str]:
 
 
 def _recompute(product: str, score_code: str, keep: str | None, rows: str, dp: str,
-               d_score: str | None) -> list[str]:
+               d_score: str | None, after_p: tuple[str, ...] = ()) -> list[str]:
     """The backward's shared middle: scores again, P from the saved log-sum-exp, and
     dscore = P * (dP - delta) * d(score expression)/d(score). ``rows`` broadcasts a per-query
     vector over the tile's orientation; masked positions get a zero dscore."""
@@ -234,6 +234,7 @@ def _recompute(product: str, score_code: str, keep: str | None, rows: str, dp: s
         lines += [f"keep = {keep}", "s_mod = tl.where(keep, s_mod, -float(\"inf\"))"]
     lines += [
         f"p = tl.exp2(s_mod * _LOG2E - lse2{rows})",
+        *after_p,
         f"dp = {dp}",
         f"ds = p * (dp - delta{rows})",
         "dscore = ds" if d_score is None else f"dscore = ds * ({d_score})",
@@ -286,8 +287,8 @@ def _dkdv_body(score_code, mask, d_score) -> str:
         "delta = tl.load(DELTA + off_bh.to(tl.int64) * q_len + q_rows_t, "
         "mask=q_rows_t < q_len, other=0.0)",
         *_recompute(_dot("k", "q_t"), score_code, None if mask is None else f"{mask} & q_ok",
-                    "[None, :]", _dot("v", "tl.trans(do)"), d_score),
-        f"dv = {_dot('p.to(do.dtype)', 'do', 'dv')}",
+                    "[None, :]", _dot("v", "tl.trans(do)"), d_score,
+                    after_p=(f"dv = {_dot('p.to(do.dtype)', 'do', 'dv')}",)),
         f"dk = {_dot('dscore.to(q_t.dtype)', 'tl.trans(q_t)', 'dk')}",
     ]
     return textwrap.indent("\n".join(lines), " " * 12)
