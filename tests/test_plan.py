@@ -142,3 +142,14 @@ def test_plan_reports_a_non_positive_divisor():
         assert "'C' must be positive" in str(error)
     else:
         raise AssertionError("C=0 must be refused")
+
+
+def test_opposite_bounds_peak_inside_a_tile():
+    # kv <= 1 - q and kv <= q - 1 keep (q=1, kv=0) only: the upper bound min(1 - q, q - 1)
+    # peaks inside the tile, so the hull cannot come from the combined bound at the ends.
+    attn = flexdsl.compile("where kv <= 1 - q and kv <= q - 1")
+    tile_plan = attn.plan(17, 3, block_m=16, block_n=16)
+    lo, hi, _, _ = tile_plan.tile_ranges()[0].tolist()
+    assert lo <= 0 <= hi
+    q, k, v = torch.randn(1, 1, 17, 8), torch.randn(1, 1, 3, 8), torch.randn(1, 1, 3, 8)
+    torch.testing.assert_close(attn(q, k, v).double(), attn.reference(q, k, v)[0])

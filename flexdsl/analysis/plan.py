@@ -256,9 +256,13 @@ class TilePlan:
     def _ends(self):
         """(touch_lo, touch_hi, full_lo, full_hi) per conjunction from each tile's end rows.
 
-        A monotone bound has its extremes at the ends, so the full range is exact; a monotone
-        condition holds on a prefix or a suffix, so it holds for some row of a tile when it
-        holds at one end (sound) and for all when at both (exact).
+        Each bound is monotone, so its extremes over a tile sit at the tile's ends. The full
+        range is exact: the largest lower and smallest upper bound at either end. The hull
+        takes each bound's own extreme before combining (max over bounds of each one's
+        smallest end, min over bounds of each one's largest end): combining first would be
+        wrong when bounds move in opposite directions (``min(1 - q, q - 1)`` peaks inside the
+        tile). A monotone condition holds on a prefix or a suffix, so it holds for some row of
+        a tile when it holds at one end (sound) and for all when at both (exact).
         """
         starts = torch.arange(0, self.q_len, self.block_m)
         ends = torch.clamp(starts + self.block_m - 1, max=self.q_len - 1)
@@ -267,23 +271,32 @@ class TilePlan:
         grid = _grid(self.solved, self.analysis.spec, rows, q_len=self.q_len,
                      kv_len=self.kv_len, batch=self.batch, heads=self.heads,
                      values=self.values, tensors=self.tensors)
+
+        def at_ends(bound):
+            value = _rows(eager.evaluate(bound, grid))   # (B', H', rows or 1)
+            value = value.expand(value.shape[0], value.shape[1], len(rows))
+            return value[..., :n], value[..., n:]
+
         out = []
+        zeros = torch.zeros(n, dtype=torch.int64)
+        last = torch.full((n,), self.kv_len - 1, dtype=torch.int64)
         for c in self.solved.conjunctions:
-            low, high, conditions = _parts(c, grid, len(rows), self.kv_len, rows.device)
-            # Over batches and heads: the hull takes the widest, the full range the narrowest.
-            low_min, low_max = low.amin((0, 1)), low.amax((0, 1))
-            high_min, high_max = high.amin((0, 1)), high.amax((0, 1))
+            touch_lo, full_lo, touch_hi, full_hi = zeros, zeros, last, last
+            for bound in c.lower:
+                a, b = at_ends(bound)
+                touch_lo = torch.maximum(touch_lo, torch.minimum(a, b).amin((0, 1)))
+                full_lo = torch.maximum(full_lo, torch.maximum(a, b).amax((0, 1)))
+            for bound in c.upper:
+                a, b = at_ends(bound)
+                touch_hi = torch.minimum(touch_hi, torch.maximum(a, b).amax((0, 1)))
+                full_hi = torch.minimum(full_hi, torch.minimum(a, b).amin((0, 1)))
             some = torch.ones(n, dtype=torch.bool)
             every = torch.ones(n, dtype=torch.bool)
-            for keep in conditions:
-                any_bh, all_bh = keep.any(0).any(0), keep.all(0).all(0)
-                some &= any_bh[:n] | any_bh[n:]
-                every &= all_bh[:n] & all_bh[n:]
-            touch_lo = torch.minimum(low_min[:n], low_min[n:]).clamp(min=0)
-            touch_hi = torch.maximum(high_max[:n], high_max[n:]).clamp(max=self.kv_len - 1)
+            for condition in c.rows:
+                a, b = at_ends(condition)
+                some &= a.any(0).any(0) | b.any(0).any(0)
+                every &= a.all(0).all(0) & b.all(0).all(0)
             touched = some & (touch_lo <= touch_hi)
-            full_lo = torch.maximum(low_max[:n], low_max[n:]).clamp(min=0)
-            full_hi = torch.minimum(high_min[:n], high_min[n:]).clamp(max=self.kv_len - 1)
             full = every & (full_lo <= full_hi)
             out.append((torch.where(touched, touch_lo, self.kv_len),
                         torch.where(touched, touch_hi, -1),
