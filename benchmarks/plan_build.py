@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import flexdsl  # noqa: E402
+from flexdsl.analysis import plan as plan_module  # noqa: E402
 from flexdsl.analysis.plan import document_tensors, plan  # noqa: E402
 
 
@@ -82,7 +83,9 @@ def main(argv=None):
                             analysis=analysis).tile_ranges()
 
             def kernel_side():
-                # What a kernel call needs besides the formulas: only the runs of lookups.
+                # What a kernel call needs besides the formulas: only the runs of lookups
+                # (computed afresh here: calls with the same ids reuse them).
+                plan_module._runs.clear()
                 return document_tensors(analysis.by_query, tensors, length, length)
 
             build()

@@ -16,6 +16,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Mapping
 
+import numpy as np
 import torch
 
 from .. import eager, ir
@@ -73,7 +74,9 @@ def document_tensors(solved: Solved, tensors: Mapping[str, torch.Tensor], q_len:
             cols = table[..., :col_len].contiguous()
             rows = table[..., :row_len].contiguous()
             ordered = bool((cols[..., 1:] >= cols[..., :-1]).all()) if col_len > 1 else True
-            if ordered:
+            if ordered and row_len == col_len:
+                low, high = _runs_of(cols)
+            elif ordered:
                 low = torch.searchsorted(cols, rows, right=False)
                 high = torch.searchsorted(cols, rows, right=True) - 1
             else:
@@ -89,6 +92,20 @@ def document_tensors(solved: Solved, tensors: Mapping[str, torch.Tensor], q_len:
 
 
 _runs: dict[tuple, tuple] = {}
+
+
+def _runs_of(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For sorted ``ids`` (along the last dim), the first and last index of each position's
+    run, in O(S): where a run starts, carried forward; where it ends, carried backward."""
+    n = ids.shape[-1]
+    index = torch.arange(n, device=ids.device).expand_as(ids)
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[..., 1:] = ids[..., 1:] != ids[..., :-1]
+    ends = torch.ones_like(starts)
+    ends[..., :-1] = starts[..., 1:]
+    low = torch.where(starts, index, 0).cummax(-1).values
+    high = n - 1 - torch.where(ends, n - 1 - index, 0).flip(-1).cummax(-1).values.flip(-1)
+    return low, high
 
 
 def check_positive(solved: Solved, values: Mapping[str, float], spec: CheckedSpec) -> None:
@@ -243,15 +260,16 @@ class TilePlan:
         if conjunctions and all(c.monotone for c in conjunctions):
             parts = self._ends()
         else:
-            parts = self._every_row()
-        lo = torch.stack([p[0] for p in parts]).amin(0)
-        hi = torch.stack([p[1] for p in parts]).amax(0)
-        best_lo = torch.ones_like(lo)
-        best_hi = torch.zeros_like(hi)
+            parts = [tuple(x.cpu().numpy() for x in p) for p in self._every_row()]
+        # Per-tile vectors are short: NumPy's elementwise calls cost a fraction of torch's.
+        lo = functools.reduce(np.minimum, [p[0] for p in parts])
+        hi = functools.reduce(np.maximum, [p[1] for p in parts])
+        best_lo = np.ones_like(lo)
+        best_hi = np.zeros_like(hi)
         for (_, _, full_lo, full_hi), exact in zip(parts, self.exact):
             if exact:
-                best_lo, best_hi = _merge_full(best_lo, best_hi, full_lo, full_hi)
-        return torch.stack([lo, hi, best_lo, best_hi], dim=1)
+                best_lo, best_hi = _merge_full(best_lo, best_hi, full_lo, full_hi, np)
+        return torch.from_numpy(np.stack([lo, hi, best_lo, best_hi], axis=1))
 
     def _ends(self):
         """(touch_lo, touch_hi, full_lo, full_hi) per conjunction from each tile's end rows.
@@ -273,34 +291,40 @@ class TilePlan:
                      values=self.values, tensors=self.tensors)
 
         def at_ends(bound):
+            """The bound at every tile's first and last row, as NumPy (B', H', tiles)."""
             value = _rows(eager.evaluate(bound, grid))   # (B', H', rows or 1)
-            value = value.expand(value.shape[0], value.shape[1], len(rows))
+            value = value.expand(value.shape[0], value.shape[1], len(rows)).cpu().numpy()
             return value[..., :n], value[..., n:]
 
+        def low_over_bh(value):
+            return value.min(axis=(0, 1))
+
+        def high_over_bh(value):
+            return value.max(axis=(0, 1))
+
         out = []
-        zeros = torch.zeros(n, dtype=torch.int64)
-        last = torch.full((n,), self.kv_len - 1, dtype=torch.int64)
+        zeros = np.zeros(n, dtype=np.int64)
+        last = np.full(n, self.kv_len - 1, dtype=np.int64)
         for c in self.solved.conjunctions:
             touch_lo, full_lo, touch_hi, full_hi = zeros, zeros, last, last
             for bound in c.lower:
                 a, b = at_ends(bound)
-                touch_lo = torch.maximum(touch_lo, torch.minimum(a, b).amin((0, 1)))
-                full_lo = torch.maximum(full_lo, torch.maximum(a, b).amax((0, 1)))
+                touch_lo = np.maximum(touch_lo, low_over_bh(np.minimum(a, b)))
+                full_lo = np.maximum(full_lo, high_over_bh(np.maximum(a, b)))
             for bound in c.upper:
                 a, b = at_ends(bound)
-                touch_hi = torch.minimum(touch_hi, torch.maximum(a, b).amax((0, 1)))
-                full_hi = torch.minimum(full_hi, torch.minimum(a, b).amin((0, 1)))
-            some = torch.ones(n, dtype=torch.bool)
-            every = torch.ones(n, dtype=torch.bool)
+                touch_hi = np.minimum(touch_hi, high_over_bh(np.maximum(a, b)))
+                full_hi = np.minimum(full_hi, low_over_bh(np.minimum(a, b)))
+            some = np.ones(n, dtype=bool)
+            every = np.ones(n, dtype=bool)
             for condition in c.rows:
                 a, b = at_ends(condition)
-                some &= a.any(0).any(0) | b.any(0).any(0)
-                every &= a.all(0).all(0) & b.all(0).all(0)
+                some &= high_over_bh(a) | high_over_bh(b)
+                every &= low_over_bh(a) & low_over_bh(b)
             touched = some & (touch_lo <= touch_hi)
             full = every & (full_lo <= full_hi)
-            out.append((torch.where(touched, touch_lo, self.kv_len),
-                        torch.where(touched, touch_hi, -1),
-                        torch.where(full, full_lo, 1), torch.where(full, full_hi, 0)))
+            out.append((np.where(touched, touch_lo, self.kv_len), np.where(touched, touch_hi, -1),
+                        np.where(full, full_lo, 1), np.where(full, full_hi, 0)))
         return out
 
     def _every_row(self):
@@ -427,16 +451,17 @@ def _reduce(values: torch.Tensor, tile: torch.Tensor, how: str, tiles: int, fill
     return out.scatter_reduce(0, tile, values, reduce=how, include_self=True)
 
 
-def _merge_full(best_lo, best_hi, lo, hi):
-    """Keep one range kept by every row: merge if touching, else keep the longer (as kernels do)."""
+def _merge_full(best_lo, best_hi, lo, hi, xp=torch):
+    """Keep one range kept by every row: merge if touching, else keep the longer (as kernels
+    do). ``xp`` is torch or NumPy, whose elementwise functions share these names."""
     valid = lo <= hi
     none = best_lo > best_hi
     touch = (lo <= best_hi + 1) & (hi >= best_lo - 1) & ~none
     longer = (hi - lo) > (best_hi - best_lo)
     take = valid & (none | (~touch & longer))
     merge = valid & touch
-    return (torch.where(take, lo, torch.where(merge, torch.minimum(best_lo, lo), best_lo)),
-            torch.where(take, hi, torch.where(merge, torch.maximum(best_hi, hi), best_hi)))
+    return (xp.where(take, lo, xp.where(merge, xp.minimum(best_lo, lo), best_lo)),
+            xp.where(take, hi, xp.where(merge, xp.maximum(best_hi, hi), best_hi)))
 
 
 def _scatter_count(counts, tile_of_row, first, last):
