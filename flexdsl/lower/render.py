@@ -164,23 +164,29 @@ def _dot(a: str, b: str, acc: str = "None") -> str:
     return f"_dot({a}, {b}, {acc}, IEEE)"
 
 
-def _forward_body(score_code: str, mask: str | None) -> str:
-    """One key tile of the online softmax; ``mask`` None for tiles known to be FULL."""
-    identity = score_code == "s_mod = score"
-    lines = [
+def _key_tile(load_v: str) -> list[str]:
+    """Positions of the key tile at ``start_n``, k loaded as [HEAD_DIM, BLOCK_N], and v as
+    ``load_v`` lays it out ([BLOCK_N, HEAD_DIM] for P @ V, transposed for dP = dO @ Vᵀ)."""
+    return [
         "start_n = tl.multiple_of(start_n, BLOCK_N)",
         "kv_cols = start_n + tl.arange(0, BLOCK_N)",
         "kv_idx = kv_cols[None, :]",
         "kv_ok = kv_idx < kv_len",
         "k = tl.load(k_base + kv_idx * skn + offs_d[:, None] * skd, "
         "mask=kv_ok & d_ok[:, None], other=0.0)",
-        "v = tl.load(v_base + kv_cols[:, None] * svn + offs_d[None, :] * svd, "
-        "mask=(kv_cols[:, None] < kv_len) & d_ok[None, :], other=0.0)",
+        load_v,
         "if DOT_F32:",
         "    k = k.to(tl.float32)",
         "    v = v.to(tl.float32)",
-        f"qk = {_dot('q', 'k')}",
     ]
+
+
+def _forward_body(score_code: str, mask: str | None) -> str:
+    """One key tile of the online softmax; ``mask`` None for tiles known to be FULL."""
+    identity = score_code == "s_mod = score"
+    lines = [*_key_tile("v = tl.load(v_base + kv_cols[:, None] * svn + offs_d[None, :] * svd, "
+                        "mask=(kv_cols[:, None] < kv_len) & d_ok[None, :], other=0.0)"),
+             f"qk = {_dot('q', 'k')}"]
     if identity:
         lines.append("s2 = qk * qk_scale")
     else:
@@ -246,17 +252,8 @@ def _recompute(product: str, score_code: str, keep: str | None, rows: str, dp: s
 
 def _dq_body(score_code, mask, d_score, gradients, tile: Lowering) -> str:
     lines = [
-        "start_n = tl.multiple_of(start_n, BLOCK_N)",
-        "kv_cols = start_n + tl.arange(0, BLOCK_N)",
-        "kv_idx = kv_cols[None, :]",
-        "kv_ok = kv_idx < kv_len",
-        "k = tl.load(k_base + kv_idx * skn + offs_d[:, None] * skd, "
-        "mask=kv_ok & d_ok[:, None], other=0.0)",
-        "v = tl.load(v_base + kv_idx * svn + offs_d[:, None] * svd, "
-        "mask=kv_ok & d_ok[:, None], other=0.0)",
-        "if DOT_F32:",
-        "    k = k.to(tl.float32)",
-        "    v = v.to(tl.float32)",
+        *_key_tile("v = tl.load(v_base + kv_idx * svn + offs_d[:, None] * svd, "
+                   "mask=kv_ok & d_ok[:, None], other=0.0)"),
         *_recompute(_dot("q", "k"), score_code, mask, "[:, None]", _dot("do", "v"), d_score),
     ]
     valid = "keep & q_ok" if mask is not None else "q_ok & kv_ok"
