@@ -36,6 +36,20 @@ class Entry:
                   for name, v in zip(self.params, params)}
         return launch.Call(scale, values, dict(zip(self.tensors, tensors)))
 
+    def forward(self, q, k, v, scale, params, tensors):
+        """(out, lse)."""
+        return launch.forward(self.kernels, self.analysis, q, k, v,
+                              self.call(scale, params, list(tensors)), self.forward_config)
+
+    def backward(self, q, k, v, out, lse, grad_out, grad_lse, scale, params, tensors):
+        """dq, dk, dv and the gradients of ``gradient_tensors``, in their tensors' dtypes."""
+        call = self.call(scale, params, list(tensors))
+        dq, dk, dv, grads = launch.backward(self.kernels, self.analysis, q, k, v, out, lse,
+                                            grad_out, call, self.backward_configs,
+                                            grad_lse=grad_lse)
+        return dq, dk, dv, [grads[name].to(call.tensors[name].dtype)
+                            for name in self.gradient_tensors]
+
 
 registry: dict[str, Entry] = {}
 
@@ -43,9 +57,7 @@ registry: dict[str, Entry] = {}
 @torch.library.custom_op("flexdsl::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor],
               params: list[float], key: str, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    entry = registry[key]
-    return launch.forward(entry.kernels, entry.analysis, q, k, v,
-                          entry.call(scale, params, tensors), entry.forward_config)
+    return registry[key].forward(q, k, v, scale, params, tensors)
 
 
 @attention.register_fake
@@ -61,13 +73,8 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
                        grad_lse: Optional[torch.Tensor], tensors: list[torch.Tensor],
                        params: list[float], key: str, scale: float
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    entry = registry[key]
-    call = entry.call(scale, params, tensors)
-    dq, dk, dv, grads = launch.backward(entry.kernels, entry.analysis, q, k, v, out, lse,
-                                        grad_out, call, entry.backward_configs,
-                                        grad_lse=grad_lse)
-    return dq, dk, dv, [grads[name].to(call.tensors[name].dtype)
-                        for name in entry.gradient_tensors]
+    return registry[key].backward(q, k, v, out, lse, grad_out, grad_lse, scale, params,
+                                  tensors)
 
 
 @attention_backward.register_fake
@@ -106,9 +113,7 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, key, scale, params, *tensors):
-        entry = registry[key]
-        out, lse = launch.forward(entry.kernels, entry.analysis, q, k, v,
-                                  entry.call(scale, params, list(tensors)), entry.forward_config)
+        out, lse = registry[key].forward(q, k, v, scale, params, tensors)
         ctx.save_for_backward(q, k, v, out, lse, *tensors)
         ctx.key, ctx.scale, ctx.params = key, scale, params
         return out, lse
@@ -117,14 +122,10 @@ class _EagerAttention(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, *tensors = ctx.saved_tensors
         entry = registry[ctx.key]
-        call = entry.call(ctx.scale, ctx.params, tensors)
-        dq, dk, dv, grads = launch.backward(entry.kernels, entry.analysis, q, k, v, out, lse,
-                                            grad_out.contiguous() if grad_out.stride(-1) != 1
-                                            else grad_out, call, entry.backward_configs,
-                                            grad_lse=grad_lse)
-        tensor_grads = [grads[name].to(t.dtype) if name in grads else None
-                        for name, t in zip(entry.tensors, tensors)]
-        return (dq, dk, dv, None, None, None, *tensor_grads)
+        dq, dk, dv, grads = entry.backward(q, k, v, out, lse, grad_out, grad_lse, ctx.scale,
+                                           ctx.params, tensors)
+        by_name = dict(zip(entry.gradient_tensors, grads))
+        return (dq, dk, dv, None, None, None, *(by_name.get(name) for name in entry.tensors))
 
 
 def run(q, k, v, tensors: list, params: list, key: str, scale: float):
@@ -135,7 +136,5 @@ def run(q, k, v, tensors: list, params: list, key: str, scale: float):
         q.requires_grad or k.requires_grad or v.requires_grad
         or any(t.requires_grad for t in tensors))
     if not needs_grad:
-        entry = registry[key]
-        return launch.forward(entry.kernels, entry.analysis, q, k, v,
-                              entry.call(scale, params, tensors), entry.forward_config)
+        return registry[key].forward(q, k, v, scale, params, tensors)
     return _EagerAttention.apply(q, k, v, key, scale, params, *tensors)
