@@ -6,7 +6,6 @@ every leaf becomes a tensor, int values are int64 and float values take ``float_
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -193,4 +192,4 @@ def positions(batch: int, heads: int, q_len: int, kv_len: int, device,
     }
 
 
-__all__ = ["Grid", "evaluate", "positions", "math"]
+__all__ = ["Grid", "evaluate", "positions"]

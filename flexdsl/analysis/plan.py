@@ -11,7 +11,6 @@ O(Sq x Skv). Two views come from the same rows:
 from __future__ import annotations
 
 import functools
-import math
 import weakref
 from dataclasses import dataclass
 from typing import Mapping
@@ -19,7 +18,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from .. import eager, ir
+from .. import eager
 from ..check import CheckedSpec
 from ..errors import SpecCallError
 from .bounds import Solved, solve
@@ -546,4 +545,4 @@ def brute_force_tiles(spec: CheckedSpec, q_len: int, kv_len: int, block_m: int, 
 
 
 __all__ = ["EMPTY", "FULL", "PARTIAL", "MaskAnalysis", "TilePlan", "brute_force_tiles",
-           "plan", "math", "ir"]
+           "plan"]

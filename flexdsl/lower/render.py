@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import string
 import textwrap
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib import resources
 
 from .. import ir
@@ -291,4 +291,4 @@ def _dkdv_body(score_code, mask, d_score) -> str:
     return textwrap.indent("\n".join(lines), " " * 12)
 
 
-__all__ = ["KernelSource", "render", "replace"]
+__all__ = ["KernelSource", "render"]
