@@ -91,6 +91,7 @@ class Attention:
         self.options = options or KernelOptions()
         self.index_ranges = _ranges(spec)
         self._kernel_keys: dict = {}
+        self._ranges_passed: set = set()
 
     @property
     def analysis(self):
@@ -178,8 +179,9 @@ class Attention:
         return f"flexdsl.Attention({str(self.spec)!r})"
 
     def bind(self, q, k, v, *, scale=None, **params_and_tensors) -> Bound:
-        return bind(self.spec, list(self.index_ranges), q, k, v, scale=scale,
-                    defaults=self.defaults, given=params_and_tensors)
+        return bind(self.spec, self.index_ranges, q, k, v, scale=scale,
+                    defaults=self.defaults, given=params_and_tensors,
+                    passed=self._ranges_passed)
 
     def __call__(self, q, k, v, *, scale=None, return_lse: bool = False,
                  **params_and_tensors):

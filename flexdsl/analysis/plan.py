@@ -39,6 +39,11 @@ class MaskAnalysis:
     def of(cls, spec: CheckedSpec) -> "MaskAnalysis":
         return cls(spec, solve(spec, "q", "kv"), solve(spec, "kv", "q"))
 
+    @functools.cached_property
+    def has_documents(self) -> bool:
+        """Whether calls must build run tensors for sorted lookups."""
+        return any(c.documents for s in (self.by_query, self.by_key) for c in s.conjunctions)
+
     def describe(self) -> list[str]:
         return ["key range per query:", *("  " + l for l in self.by_query.describe()),
                 "query range per key:", *("  " + l for l in self.by_key.describe())]
