@@ -124,6 +124,35 @@ def test_strided_inputs_and_head_dim_padding():
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("scale", [-0.7, 0.0, 0.3])
+def test_any_scale_sign(scale):
+    # Full tiles take the row maximum of q.k before scaling: the minimum when scale < 0.
+    attn = flexdsl.compile("where q >= kv", options=TRITON)
+    gen = torch.Generator().manual_seed(17)
+    q, k, v = (torch.randn(1, 2, 41, 16, generator=gen, requires_grad=True) for _ in range(3))
+    out = attn(q, k, v, scale=scale)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = attn.reference(q64, k64, v64, scale=scale)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+    grad = torch.randn(out.shape, generator=gen)
+    got = torch.autograd.grad(out, [q, k, v], grad)
+    want = torch.autograd.grad(ref, [q64, k64, v64], grad.double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("divisor", [-3, 1, 5, 64])
+def test_floor_division_by_a_parameter(divisor):
+    # Divisors fixed per program take the multiply-high path; numerators go negative here.
+    attn = flexdsl.compile("score + ((q - kv - 7) // D) * 0.01 + ((kv - q) % D) * 0.02",
+                           options=TRITON)
+    gen = torch.Generator().manual_seed(19)
+    q, k, v = (torch.randn(1, 1, 37, 16, generator=gen) for _ in range(3))
+    out = attn(q, k, v, D=divisor)
+    ref, _ = attn.reference(q, k, v, D=divisor)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+
+
 def test_lse_gradient():
     attn = flexdsl.compile("where q >= kv", options=TRITON)
     gen = torch.Generator().manual_seed(11)

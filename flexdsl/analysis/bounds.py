@@ -391,6 +391,32 @@ class _Solver:
         return "bounds", (lows, highs)
 
 
+def work_trend(solved: Solved, spec: CheckedSpec) -> int:
+    """+1 when later rows tend to keep more columns (causal), -1 when fewer, 0 when neither
+    or unknown. Kernels start the heavy row tiles first so that the last wave is short.
+
+    Each conjunction adds the slope of its tightest upper bound minus that of its tightest
+    lower bound, slopes read from the bounds with ``row // C`` taken as ``row / C``; bounds with
+    lookups or parameters in their slope count as flat.
+    """
+    symbols = Symbols(spec)
+    row = symbols[solved.row]
+
+    def slope(bound: ir.Expr) -> float:
+        if any(isinstance(n, ir.Lookup) for n in ir.walk(bound)):
+            return 0.0
+        expr = to_sympy(bound, symbols).replace(sympy.floor, lambda x: x)
+        value = sympy.diff(expr, row)
+        return float(value) if value.is_number else 0.0
+
+    total = 0.0
+    for c in solved.conjunctions:
+        upper = min((slope(b) for b in c.upper), default=0.0)
+        lower = max((slope(b) for b in c.lower), default=0.0)
+        total += upper - lower
+    return (total > 0) - (total < 0)
+
+
 def _sign(factor, positive: set[str]) -> int | None:
     """+1 or -1 for a product of numbers and parameters known to be positive, else None."""
     sign = 1

@@ -1,6 +1,7 @@
 """Launching the rendered kernels: argument lists, tile configurations, grids."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -29,11 +30,17 @@ class Configs:
 
 def default_configs(head_dim: int, dtype: torch.dtype) -> Configs:
     """Tile configurations by head dim; small tiles under the interpreter (tests)."""
-    if interpreting():
+    return _default_configs(head_dim, dtype, interpreting())
+
+
+@functools.lru_cache(maxsize=None)
+def _default_configs(head_dim: int, dtype: torch.dtype, interpret: bool) -> Configs:
+    if interpret:
         small = Config(16, 16, 1, 1)
         return Configs(small, small, small)
     wide = dtype == torch.float32
-    # From benchmarks/tune.py on an H200 (bf16, B=2 H=16 S=4096, causal).
+    # From benchmarks/tune.py on an H200 (bf16, B=2 H=16 S=4096, causal). The dk/dv tile at
+    # D=128 spills a little (benchmarks/offline_compile.py); spill-free ones timed slower.
     if head_dim <= 64:
         return Configs(Config(128, 64, 4, 3), Config(64, 64, 4, 3), Config(64, 64, 4, 3))
     if head_dim <= 128:
@@ -94,11 +101,14 @@ def spec_arguments(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, call: Ca
     """The spec-specific arguments (parameters, tensors with strides and sizes) and the two
     flags that say whether the sorted-lookup run tensors are exact."""
     q_len, kv_len = q.shape[2], k.shape[2]
-    values = {"q_len": q_len, "kv_len": kv_len, **call.params}
-    check_positive(analysis.by_query, values, analysis.spec)
-    by_query, exact_q = document_tensors(analysis.by_query, call.tensors, q_len, kv_len)
-    by_key, exact_k = document_tensors(analysis.by_key, call.tensors, q_len, kv_len)
-    tensors = {**call.tensors, **by_query, **by_key}
+    if analysis.by_query.positive:
+        values = {"q_len": q_len, "kv_len": kv_len, **call.params}
+        check_positive(analysis.by_query, values, analysis.spec)
+    tensors, exact_q, exact_k = call.tensors, True, True
+    if analysis.has_documents:
+        by_query, exact_q = document_tensors(analysis.by_query, call.tensors, q_len, kv_len)
+        by_key, exact_k = document_tensors(analysis.by_key, call.tensors, q_len, kv_len)
+        tensors = {**call.tensors, **by_query, **by_key}
     args = [call.params[name] for name in kernels.source.params]
     for t in kernels.source.tensors:
         value = tensors[t.name]
@@ -127,7 +137,8 @@ def forward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, call: Call,
     run_fitted(kernels.module.attention_forward, grid,
                (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                 q_len, kv_len, heads, heads // kv_heads, call.scale, exact_q, *args),
-               config, "block_n", D=head_dim, HEAD_DIM=head_dim_padded(head_dim), **_flags(q))
+               config, "block_n", D=head_dim, HEAD_DIM=head_dim_padded(head_dim),
+               POS_SCALE=call.scale > 0, **_flags(q))
     return out, lse
 
 
@@ -145,12 +156,17 @@ def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, g
     if q_len == 0 or kv_len == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
         return dq, dk, dv, grads
-    delta = (out.float() * grad_out.float()).sum(-1)
-    if grad_lse is not None:
-        # d lse / d score = p: a gradient on lse enters dS as a shift of delta.
-        delta = delta - grad_lse.float()
-    delta = delta.contiguous()
     lse = lse.contiguous()
+    delta = torch.empty_like(lse)
+    lse2 = torch.empty_like(lse)
+    prepare_rows = 16 if interpreting() else 64
+    # d lse / d score = p: a gradient on lse enters dS as a shift of delta.
+    has_dlse = grad_lse is not None
+    dlse = grad_lse if has_dlse else lse
+    kernels.module.attention_backward_prepare[(triton_cdiv(q_len, prepare_rows), batch * heads)](
+        out, grad_out, lse, dlse, delta, lse2, *out.stride(), *grad_out.stride(),
+        *dlse.stride(), q_len, heads, HAS_DLSE=has_dlse, D=head_dim,
+        HEAD_DIM=head_dim_padded(head_dim), BLOCK_M=prepare_rows, num_warps=4)
     args, exact_q, exact_k = spec_arguments(kernels, analysis, q, k, call)
     grad_args = []
     for name, g in grads.items():
@@ -161,12 +177,12 @@ def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, g
     constants = dict(D=head_dim, HEAD_DIM=head_dim_padded(head_dim), **_flags(q))
     run_fitted(kernels.module.attention_backward_dq,
                (triton_cdiv(q_len, dq_config.block_m), batch * heads),
-               (q, k, v, grad_out, lse, delta, dq, *common, *dq.stride(),
+               (q, k, v, grad_out, lse2, delta, dq, *common, *dq.stride(),
                 q_len, kv_len, heads, heads // kv_heads, call.scale, exact_q, *args, *grad_args),
                dq_config, "block_n", **constants)
     run_fitted(kernels.module.attention_backward_dkdv,
                (triton_cdiv(kv_len, dkdv_config.block_n), batch * kv_heads),
-               (q, k, v, grad_out, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(),
+               (q, k, v, grad_out, lse2, delta, dk, dv, *common, *dk.stride(), *dv.stride(),
                 q_len, kv_len, heads, heads // kv_heads, call.scale, exact_k, *args),
                dkdv_config, "block_m", **constants)
     return dq, dk, dv, grads

@@ -3,8 +3,9 @@
 The kernel templates define a fixed set of names the text may use: ``q_idx`` ([BLOCK_M, 1] or
 [BLOCK_M] int32), ``kv_idx`` ([1, BLOCK_N] or [BLOCK_N]), ``b``, ``h``, ``q_len``, ``kv_len``,
 ``score``, the parameters (``p_<name>``), and per tensor a pointer ``t_<name>``, its strides
-``t_<name>_s<i>`` and sizes ``t_<name>_n<i>``. Python-semantics ``//`` and ``%`` and the
-transcendental functions are helpers the templates define (``_fdiv``, ``_fmod``, ``_tanh``...).
+``t_<name>_s<i>`` and sizes ``t_<name>_n<i>``. Python-semantics ``//`` and ``%`` (by a literal, by
+a per-program value, by a per-element value) and the transcendental functions are helpers the
+templates define (``_fdiv_c``, ``_fdiv_s``, ``_fdiv``, ``_tanh``...).
 """
 from __future__ import annotations
 
@@ -100,6 +101,8 @@ class Lowering:
                 return repr(value)
             if isinstance(node.right, ir.Num):
                 return f"{helper}_c({left}, {right})"
+            if _uniform(node.right):
+                return f"{helper}_s({left}, {right})"
             return f"{helper}({left}, {right})"
         if op == "**":
             exponent = node.right
@@ -148,6 +151,13 @@ class Lowering:
                    f"{self.expr(node.orelse)})"
         return (f"tl.where({self.expr(node.test)}, {self._as(node.then, dtype)}, "
                 f"{self._as(node.orelse, dtype)})")
+
+
+def _uniform(node: ir.Expr) -> bool:
+    """Whether ``node`` is one value for a whole program: free of positions within the tile
+    and of the score (b and h are fixed per program; lookups of them are single loads)."""
+    return not any(isinstance(n, ir.Name) and n.id in ("q", "kv", ir.SCORE)
+                   for n in ir.walk(node))
 
 
 def _positions(node: ir.Expr) -> set[str]:

@@ -11,10 +11,13 @@ import textwrap
 from dataclasses import dataclass
 from importlib import resources
 
+import sympy
+
 from .. import ir
-from ..analysis.bounds import Solved
+from ..analysis.bounds import Solved, work_trend
 from ..analysis.derivatives import ScoreDerivatives, TensorGradient
 from ..analysis.plan import MaskAnalysis
+from ..analysis.symbolic import Symbols, to_sympy
 from ..check import INT, CheckedSpec, Signature, TensorParam, Typer
 from .expr import Lowering, param_name, tensor_name
 
@@ -73,6 +76,8 @@ def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivati
     d_score = None if derivatives.identity else tile.floating(derivatives.d_score)
 
     fields = {
+        "Q_TILE": _tile_order(work_trend(analysis.by_query, spec)),
+        "KV_TILE": _tile_order(work_trend(analysis.by_key, spec)),
         "SPEC": ir.unparse(spec.spec).replace("\n", " "),
         "TANH": _TANH_FAST if fast_tanh else _TANH_PORTABLE,
         "NO_SPECIALIZE": ", ".join(repr(a) for a in no_specialize),
@@ -82,16 +87,21 @@ def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivati
                                    "docs_exact_q", indent=4),
         "BWD_BOUNDS": _bounds_code(analysis.by_key, type_of, "kv_idx_rows", "q_len",
                                    "docs_exact_k", indent=8),
-        "FWD_BODY_MASKED": _forward_body(score_code, mask),
-        "FWD_BODY_FULL": _forward_body(score_code, None),
-        "DQ_BODY_MASKED": _dq_body(score_code, mask, d_score, gradients, tile),
-        "DQ_BODY_FULL": _dq_body(score_code, None, d_score, gradients, tile),
-        "DKDV_BODY_MASKED": _dkdv_body(score_code, mask, d_score),
-        "DKDV_BODY_FULL": _dkdv_body(score_code, None, d_score),
+        "FWD_BODY": _forward_body(score_code, mask),
+        "DQ_BODY": _dq_body(score_code, mask, d_score, gradients, tile, spec),
+        "DKDV_BODY": _dkdv_body(score_code, mask, d_score),
     }
     template = resources.files("flexdsl.kernel").joinpath("templates/attention.py.in")
     text = string.Template(template.read_text()).substitute(fields)
     return KernelSource(text, params, tuple(tensors), gradients, tuple(no_specialize))
+
+
+def _tile_order(trend: int) -> str:
+    """The row tile a program takes: heavy tiles first (a causal mask's last query tiles),
+    so that the grid's last wave is made of short programs."""
+    if trend > 0:
+        return "tl.num_programs(0) - 1 - tl.program_id(0)"
+    return "tl.program_id(0)"
 
 
 def _is_pointer(arg: str, tensors) -> bool:
@@ -181,26 +191,35 @@ def _key_tile(load_v: str) -> list[str]:
     ]
 
 
-def _forward_body(score_code: str, mask: str | None) -> str:
-    """One key tile of the online softmax; ``mask`` None for tiles known to be FULL."""
+def _forward_body(score_code: str, mask: str) -> str:
+    """One key tile of the online softmax. One loop visits every tile of the hull and masks
+    only the tiles outside the full range: three loops (masked, full, masked) held more
+    values live at once and spilled registers."""
     identity = score_code == "s_mod = score"
     lines = [*_key_tile("v = tl.load(v_base + kv_cols[:, None] * svn + offs_d[None, :] * svd, "
                         "mask=(kv_cols[:, None] < kv_len) & d_ok[None, :], other=0.0)"),
-             f"qk = {_dot('q', 'k')}"]
+             f"qk = {_dot('q', 'k')}",
+             "masked = (start_n < f_start) | (start_n >= f_stop)"]
     if identity:
-        lines.append("s2 = qk * qk_scale")
+        # Plain scores with a positive scale: the row maximum of qk, scaled afterwards, so
+        # that each element costs one fused multiply-add on its way to exp2.
+        lines += ["if POS_SCALE:",
+                  "    if masked:",
+                  f"        qk = tl.where({mask}, qk, -float(\"inf\"))",
+                  "    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)",
+                  "    s2 = qk * qk_scale",
+                  "else:",
+                  "    s2 = qk * qk_scale",
+                  "    if masked:",
+                  f"        s2 = tl.where({mask}, s2, -float(\"inf\"))",
+                  "    m_new = tl.maximum(m_i, tl.max(s2, 1))"]
     else:
-        lines += ["score = qk * sm_scale", score_code, "s2 = s_mod * _LOG2E"]
-    if mask is not None:
-        lines.append(f"keep = {mask}")
-        lines.append("s2 = tl.where(keep, s2, -float(\"inf\"))")
-    lines.append("m_new = tl.maximum(m_i, tl.max(s2, 1))")
-    if mask is None and identity:
-        # A full tile of plain scores is finite: no row can still be -inf after it.
-        lines.append("m_safe = m_new")
-    else:
-        lines.append("m_safe = tl.where(m_new == -float(\"inf\"), 0.0, m_new)")
+        lines += ["score = qk * sm_scale", score_code, "s2 = s_mod * _LOG2E",
+                  "if masked:",
+                  f"    s2 = tl.where({mask}, s2, -float(\"inf\"))",
+                  "m_new = tl.maximum(m_i, tl.max(s2, 1))"]
     lines += [
+        "m_safe = tl.where(m_new == -float(\"inf\"), 0.0, m_new)",
         "alpha = tl.exp2(m_i - m_safe)",
         "p = tl.exp2(s2 - m_safe[:, None])",
         "l_i = l_i * alpha + tl.sum(p, 1)",
@@ -210,17 +229,16 @@ def _forward_body(score_code: str, mask: str | None) -> str:
     return textwrap.indent("\n".join(lines), " " * 8)
 
 
-def _gradient_code(g: TensorGradient, tile: Lowering, valid: str) -> list[str]:
+def _gradient_code(g: TensorGradient, tile: Lowering, valid: str, spec: CheckedSpec
+                   ) -> list[str]:
     """Accumulate ds * d(score expression)/d T[i...] into T's gradient, reduced where the index
     does not vary so that atomics stay few."""
     name = g.tensor
     uses = {n.id for i in g.lookup.indices for n in ir.walk(i) if isinstance(n, ir.Name)}
     value = f"tl.where({valid}, ds * ({tile.floating(g.derivative)}), 0.0)"
-    offsets = []
-    for i, index in enumerate(g.lookup.indices):
-        idx = f"tl.minimum(tl.maximum({tile.expr(index)}, 0), {tensor_name(name)}_n{i} - 1)"
-        offsets.append(f"({idx}).to(tl.int64) * g_{name}_s{i}")
-    pointer = f"g_{name} + " + " + ".join(offsets)
+    if "q" in uses and "kv" in uses and _depends_on_difference(g.lookup, spec):
+        return _diagonal_gradient(g, value, tile)
+    pointer = _gradient_pointer(g, tile)
     if "q" in uses and "kv" in uses:
         return [f"tl.atomic_add({pointer}, {value}, mask={valid})"]
     if "q" in uses:
@@ -230,36 +248,93 @@ def _gradient_code(g: TensorGradient, tile: Lowering, valid: str) -> list[str]:
     return [f"tl.atomic_add({pointer}, tl.sum(tl.sum({value}, 1), 0))"]
 
 
-def _recompute(product: str, score_code: str, keep: str | None, rows: str, dp: str,
-               d_score: str | None, after_p: tuple[str, ...] = ()) -> list[str]:
+def _gradient_pointer(g: TensorGradient, tile: Lowering) -> str:
+    offsets = []
+    for i, index in enumerate(g.lookup.indices):
+        idx = f"tl.minimum(tl.maximum({tile.expr(index)}, 0), {tensor_name(g.tensor)}_n{i} - 1)"
+        offsets.append(f"({idx}).to(tl.int64) * g_{g.tensor}_s{i}")
+    return f"g_{g.tensor} + " + " + ".join(offsets)
+
+
+def _depends_on_difference(lookup: ir.Lookup, spec: CheckedSpec) -> bool:
+    """Whether the lookup's indices see q and kv only through q - kv (a relative position
+    table): then a tile's gradient can be summed along its diagonals before the atomics."""
+    if any(isinstance(n, ir.Lookup) for i in lookup.indices for n in ir.walk(i)):
+        return False
+    symbols = Symbols(spec)
+    q, kv = symbols["q"], symbols["kv"]
+    difference = sympy.Symbol("difference", integer=True)
+    for index in lookup.indices:
+        shifted = to_sympy(index, symbols).subs(q, kv + difference)
+        if sympy.expand(shifted).has(kv):
+            return False
+    return True
+
+
+def _diagonal_gradient(g: TensorGradient, value: str, tile: Lowering) -> list[str]:
+    """One atomic per diagonal of the [BLOCK_M, BLOCK_N] tile instead of one per position.
+
+    Row i is rotated left by i (a gather), so that column j holds the positions with
+    kv - q = j - BLOCK_N * w for the w-th wrap; a column sum per wrap gives each diagonal."""
+    diagonal = Lowering(tile.type_of, {"q": "diag_q", "kv": "diag_kv", "b": "b", "h": "h"})
+    pointer = _gradient_pointer(g, diagonal)
+    return [
+        f"g_vals = {value}",
+        "diag_i = tl.arange(0, BLOCK_M)[:, None]",
+        "diag_j = tl.arange(0, BLOCK_N)[None, :]",
+        "g_skew = tl.gather(g_vals, (diag_i + diag_j) % BLOCK_N, 1)",
+        "for diag_w in tl.static_range((BLOCK_M + BLOCK_N - 2) // BLOCK_N + 1):",
+        "    diag_sum = tl.sum(tl.where((diag_i + diag_j) // BLOCK_N == diag_w, g_skew, 0.0), 0)",
+        "    diag_q = start_m * BLOCK_M - start_n - tl.arange(0, BLOCK_N) + BLOCK_N * diag_w",
+        "    diag_kv = diag_q * 0",
+        f"    tl.atomic_add({pointer}, diag_sum)",
+    ]
+
+
+def _recompute(product: str, score_code: str, mask: str, rows: str, dp: str,
+               d_score: str | None, after_p: tuple[str, ...] = (),
+               after_ds: tuple[str, ...] = ()) -> list[str]:
     """The backward's shared middle: scores again, P from the saved log-sum-exp, and
     dscore = P * (dP - delta) * d(score expression)/d(score). ``rows`` broadcasts a per-query
-    vector over the tile's orientation; masked positions get a zero dscore."""
-    lines = [f"score = {product} * sm_scale", score_code]
-    if keep is not None:
-        lines += [f"keep = {keep}", "s_mod = tl.where(keep, s_mod, -float(\"inf\"))"]
+    vector over the tile's orientation. Only tiles outside the full range (``masked``) apply
+    ``mask``; there P is 0 where the mask is false, so dscore is too."""
+    if score_code == "s_mod = score":
+        lines = [f"s2 = {product} * qk_scale"]  # one multiply: the scale folded into log2(e)
+    else:
+        lines = [f"score = {product} * sm_scale", score_code, "s2 = s_mod * _LOG2E"]
     lines += [
-        f"p = tl.exp2(s_mod * _LOG2E - lse2{rows})",
+        "if masked:",
+        f"    s2 = tl.where({mask}, s2, -float(\"inf\"))",
+        f"p = tl.exp2(s2 - lse2{rows})",
         *after_p,
         f"dp = {dp}",
         f"ds = p * (dp - delta{rows})",
-        "dscore = ds" if d_score is None else f"dscore = ds * ({d_score})",
     ]
-    if keep is not None:
-        lines.append("dscore = tl.where(keep, dscore, 0.0)")
-    return lines
+    if d_score is None:
+        lines.append("dscore = ds")
+    else:
+        # The derivative may be anything where the mask is false (a lookup out of range).
+        lines += [f"dscore = ds * ({d_score})",
+                  "if masked:",
+                  f"    dscore = tl.where({mask}, dscore, 0.0)"]
+    return lines + list(after_ds)
 
 
-def _dq_body(score_code, mask, d_score, gradients, tile: Lowering) -> str:
+def _dq_body(score_code, mask, d_score, gradients, tile: Lowering, spec=None) -> str:
+    gradient_lines = []
+    if gradients:
+        gradient_lines += ["g_valid = q_ok & kv_ok", "if masked:",
+                           f"    g_valid = g_valid & ({mask})"]
+        for g in gradients:
+            gradient_lines += _gradient_code(g, tile, "g_valid", spec)
     lines = [
         *_key_tile("v = tl.load(v_base + kv_idx * svn + offs_d[:, None] * svd, "
                    "mask=kv_ok & d_ok[:, None], other=0.0)"),
-        *_recompute(_dot("q", "k"), score_code, mask, "[:, None]", _dot("do", "v"), d_score),
+        "masked = (start_n < f_start) | (start_n >= f_stop)",
+        *_recompute(_dot("q", "k"), score_code, mask, "[:, None]", _dot("do", "v"), d_score,
+                    after_ds=tuple(gradient_lines)),
+        f"dq = {_dot('dscore.to(k.dtype)', 'tl.trans(k)', 'dq')}",
     ]
-    valid = "keep & q_ok" if mask is not None else "q_ok & kv_ok"
-    for g in gradients:
-        lines += _gradient_code(g, tile, valid)
-    lines.append(f"dq = {_dot('dscore.to(k.dtype)', 'tl.trans(k)', 'dq')}")
     return textwrap.indent("\n".join(lines), " " * 8)
 
 
@@ -278,12 +353,12 @@ def _dkdv_body(score_code, mask, d_score) -> str:
         "if DOT_F32:",
         "    q_t = q_t.to(tl.float32)",
         "    do = do.to(tl.float32)",
-        "lse = tl.load(LSE + off_bh.to(tl.int64) * q_len + q_rows_t, mask=q_rows_t < q_len, "
+        "lse2 = tl.load(LSE2 + off_bh.to(tl.int64) * q_len + q_rows_t, mask=q_rows_t < q_len, "
         "other=float(\"inf\"))",
-        "lse2 = tl.where(lse == -float(\"inf\"), float(\"inf\"), lse * _LOG2E)",
         "delta = tl.load(DELTA + off_bh.to(tl.int64) * q_len + q_rows_t, "
         "mask=q_rows_t < q_len, other=0.0)",
-        *_recompute(_dot("k", "q_t"), score_code, None if mask is None else f"{mask} & q_ok",
+        "masked = (start_m < f_start) | (start_m >= f_stop)",
+        *_recompute(_dot("k", "q_t"), score_code, f"{mask} & q_ok",
                     "[None, :]", _dot("v", "tl.trans(do)"), d_score,
                     after_p=(f"dv = {_dot('p.to(do.dtype)', 'do', 'dv')}",)),
         f"dk = {_dot('dscore.to(q_t.dtype)', 'tl.trans(q_t)', 'dk')}",
