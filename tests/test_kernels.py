@@ -153,6 +153,23 @@ def test_floor_division_by_a_parameter(divisor):
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
 
 
+def test_tables_without_gradients_cost_nothing_and_stay_correct():
+    # A score table that does not require grad skips its reduction; q, k, v grads still match.
+    attn = flexdsl.compile("score + slope[h] * (kv - q) where q >= kv", options=TRITON)
+    gen = torch.Generator().manual_seed(23)
+    q, k, v = (torch.randn(1, 2, 29, 16, generator=gen, requires_grad=True) for _ in range(3))
+    slope = torch.rand(2, generator=gen)
+    out = attn(q, k, v, slope=slope)
+    grad = torch.randn(out.shape, generator=gen)
+    got = torch.autograd.grad(out, [q, k, v], grad)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = attn.reference(q64, k64, v64, slope=slope.double())
+    want = torch.autograd.grad(ref, [q64, k64, v64], grad.double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=0)
+    assert slope.grad is None
+
+
 def test_lse_gradient():
     attn = flexdsl.compile("where q >= kv", options=TRITON)
     gen = torch.Generator().manual_seed(11)

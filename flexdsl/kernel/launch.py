@@ -143,16 +143,20 @@ def forward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, call: Call,
 
 
 def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, grad_out,
-             call: Call, configs: Configs | None = None, grad_lse=None):
-    """dq, dk, dv and a dict of gradients of the float tensors the score uses."""
+             call: Call, configs: Configs | None = None, grad_lse=None,
+             tensor_grads: bool = True):
+    """dq, dk, dv and a dict of gradients of the float tensors the score uses (empty unless
+    ``tensor_grads``: a table that needs no gradient costs no reduction or atomics)."""
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     defaults = default_configs(head_dim, q.dtype)
     dq_config = configs.dq if configs and configs.dq else defaults.dq
     dkdv_config = configs.dkdv if configs and configs.dkdv else defaults.dkdv
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    tensor_grads = tensor_grads and bool(kernels.source.gradients)
     grads = {g.tensor: torch.zeros(call.tensors[g.tensor].shape, dtype=torch.float32,
-                                   device=q.device) for g in kernels.source.gradients}
+                                   device=q.device)
+             for g in kernels.source.gradients if tensor_grads}
     if q_len == 0 or kv_len == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
         return dq, dk, dv, grads
@@ -169,9 +173,11 @@ def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, g
         HEAD_DIM=head_dim_padded(head_dim), BLOCK_M=prepare_rows, num_warps=4)
     args, exact_q, exact_k = spec_arguments(kernels, analysis, q, k, call)
     grad_args = []
-    for name, g in grads.items():
+    for name in dict.fromkeys(g.tensor for g in kernels.source.gradients):
+        # Without tensor_grads the kernel never touches these: any fp32 pointer will do.
+        g = grads.get(name, lse)
         grad_args.append(g)
-        grad_args.extend(g.stride())
+        grad_args.extend(g.stride() if name in grads else [0] * call.tensors[name].dim())
     common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
 
     constants = dict(D=head_dim, HEAD_DIM=head_dim_padded(head_dim), **_flags(q))
@@ -179,7 +185,7 @@ def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, g
                (triton_cdiv(q_len, dq_config.block_m), batch * heads),
                (q, k, v, grad_out, lse2, delta, dq, *common, *dq.stride(),
                 q_len, kv_len, heads, heads // kv_heads, call.scale, exact_q, *args, *grad_args),
-               dq_config, "block_n", **constants)
+               dq_config, "block_n", TENSOR_GRADS=tensor_grads, **constants)
     run_fitted(kernels.module.attention_backward_dkdv,
                (triton_cdiv(kv_len, dkdv_config.block_n), batch * kv_heads),
                (q, k, v, grad_out, lse2, delta, dk, dv, *common, *dk.stride(), *dv.stride(),

@@ -41,13 +41,16 @@ class Entry:
         return launch.forward(self.kernels, self.analysis, q, k, v,
                               self.call(scale, params, list(tensors)), self.forward_config)
 
-    def backward(self, q, k, v, out, lse, grad_out, grad_lse, scale, params, tensors):
-        """dq, dk, dv and the gradients of ``gradient_tensors``, in their tensors' dtypes."""
+    def backward(self, q, k, v, out, lse, grad_out, grad_lse, scale, params, tensors,
+                 tensor_grads: bool = True):
+        """dq, dk, dv and the gradients of ``gradient_tensors``, in their tensors' dtypes
+        (zeros unless ``tensor_grads``)."""
         call = self.call(scale, params, list(tensors))
         dq, dk, dv, grads = launch.backward(self.kernels, self.analysis, q, k, v, out, lse,
                                             grad_out, call, self.backward_configs,
-                                            grad_lse=grad_lse)
-        return dq, dk, dv, [grads[name].to(call.tensors[name].dtype)
+                                            grad_lse=grad_lse, tensor_grads=tensor_grads)
+        return dq, dk, dv, [grads[name].to(call.tensors[name].dtype) if name in grads
+                            else torch.zeros_like(call.tensors[name])
                             for name in self.gradient_tensors]
 
 
@@ -122,10 +125,13 @@ class _EagerAttention(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, *tensors = ctx.saved_tensors
         entry = registry[ctx.key]
+        wanted = {name for name, needs in zip(entry.tensors, ctx.needs_input_grad[6:]) if needs}
         dq, dk, dv, grads = entry.backward(q, k, v, out, lse, grad_out, grad_lse, ctx.scale,
-                                           ctx.params, tensors)
+                                           ctx.params, tensors,
+                                           tensor_grads=bool(wanted & set(entry.gradient_tensors)))
         by_name = dict(zip(entry.gradient_tensors, grads))
-        return (dq, dk, dv, None, None, None, *(by_name.get(name) for name in entry.tensors))
+        return (dq, dk, dv, None, None, None,
+                *(by_name.get(name) if name in wanted else None for name in entry.tensors))
 
 
 def run(q, k, v, tensors: list, params: list, key: str, scale: float):

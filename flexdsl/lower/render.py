@@ -323,10 +323,10 @@ def _recompute(product: str, score_code: str, mask: str, rows: str, dp: str,
 def _dq_body(score_code, mask, d_score, gradients, tile: Lowering, spec=None) -> str:
     gradient_lines = []
     if gradients:
-        gradient_lines += ["g_valid = q_ok & kv_ok", "if masked:",
-                           f"    g_valid = g_valid & ({mask})"]
+        body = ["g_valid = q_ok & kv_ok", "if masked:", f"    g_valid = g_valid & ({mask})"]
         for g in gradients:
-            gradient_lines += _gradient_code(g, tile, "g_valid", spec)
+            body += _gradient_code(g, tile, "g_valid", spec)
+        gradient_lines = ["if TENSOR_GRADS:", *("    " + line for line in body)]
     lines = [
         *_key_tile("v = tl.load(v_base + kv_idx * svn + offs_d[:, None] * svd, "
                    "mask=kv_ok & d_ok[:, None], other=0.0)"),
