@@ -154,6 +154,8 @@ def run_case(case: Case, batch, heads, kv_heads, length, dim, flex, results, arg
                      "fwdbwd_ms": both_ms, "fwdbwd_tflops": 3.5 * flops / both_ms / 1e9}
 
     timed("flexdsl", lambda: attn(q, k, v, **tensors))
+    if args.profile:
+        row["flexdsl_kernels"] = kernel_times(lambda: attn(q, k, v, **tensors), grad)
     score_mod = case.score_mod(params, tensors) if case.score_mod else None
     mask_mod = case.mask_mod(params, tensors) if case.mask_mod else None
     block_mask = None
@@ -167,6 +169,13 @@ def run_case(case: Case, batch, heads, kv_heads, length, dim, flex, results, arg
     enable_gqa = heads != kv_heads
     timed("flex", lambda: flex(q, k, v, score_mod=score_mod, block_mask=block_mask,
                                enable_gqa=enable_gqa))
+    if args.profile:
+        row["flex_kernels"] = kernel_times(
+            lambda: flex(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                         enable_gqa=enable_gqa), grad)
+        for name in ("flexdsl_kernels", "flex_kernels"):
+            print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row[name].items()),
+                  flush=True)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
     for name in case.sdpa:
@@ -180,6 +189,27 @@ def run_case(case: Case, batch, heads, kv_heads, length, dim, flex, results, arg
             row[f"sdpa_{name}"] = {"error": str(error)[:80]}
     results.append(row)
     _print_row(row)
+
+
+def kernel_times(forward, grad, steps: int = 10) -> dict[str, float]:
+    """Mean device milliseconds per forward+backward step of each kernel, from the profiler:
+    which pass is slow, and how much of a call is launch overhead (wall time minus these)."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(3):
+        forward().backward(grad)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            forward().backward(grad)
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None)
+        if device_us is None:
+            device_us = event.cuda_time_total
+        if device_us > 0:
+            totals[event.key[:40]] = device_us / steps / 1e3
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1])[:8])
 
 
 def _print_row(row):
@@ -254,7 +284,10 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--forward-only", action="store_true")
     parser.add_argument("--no-extra", action="store_true", help="skip GQA, short and compile rows")
+    parser.add_argument("--extra-only", action="store_true", help="only GQA, short and compile rows")
     parser.add_argument("--json", default="")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print each kernel's device time per fwd+bwd step")
     args = parser.parse_args(argv)
     if args.quick:
         args.shapes, args.dims = "2x16x4096", "128"
@@ -271,7 +304,7 @@ def main(argv=None):
     print("| case | shape | D | gqa | flexdsl fwd ms TF/s | flexdsl fwd+bwd ms TF/s | "
           "flex fwd ms TF/s | flex fwd+bwd ms TF/s | fwd ratio | fwd+bwd ratio |", flush=True)
     results = []
-    for shape in args.shapes.split(","):
+    for shape in ([] if args.extra_only else args.shapes.split(",")):
         batch, heads, length = map(int, shape.split("x"))
         for dim in map(int, args.dims.split(",")):
             for case in cases:

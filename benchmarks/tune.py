@@ -31,15 +31,19 @@ def main():
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--passes", default="forward,dq,dkdv")
     parser.add_argument("-p", "--param", action="append", default=[])
+    parser.add_argument("--configs", default="",
+                        help="only these, as m,n,warps,stages separated by spaces")
     args = parser.parse_args()
     params = {k: int(v) for k, v in (p.split("=") for p in args.param)}
     batch, heads, length = map(int, args.shape.split("x"))
     q, k, v = (torch.randn(batch, heads, length, args.dim, device="cuda", dtype=torch.bfloat16,
                            requires_grad=True) for _ in range(3))
     grad = torch.randn_like(q)
+    only = [Config(*map(int, c.split(","))) for c in args.configs.split()]
     for name, configs in (("forward", FORWARD), ("dq", DQ), ("dkdv", DKDV)):
         if name not in args.passes:
             continue
+        configs = only or configs
         results = []
         for config in configs:
             options = flexdsl.KernelOptions(**{name: config})

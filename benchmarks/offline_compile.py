@@ -1,0 +1,131 @@
+"""Compile a spec's kernels for Hopper (sm_90) without a GPU: catches compile errors and shows
+registers, spills and shared memory per kernel and tile configuration.
+
+    python benchmarks/offline_compile.py "where q >= kv" --dim 128
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import flexdsl  # noqa: E402
+from flexdsl.kernel import compile as kernel_compile  # noqa: E402
+from flexdsl.kernel.launch import Config, default_configs  # noqa: E402
+
+POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
+FLOAT32_POINTERS = {"LSE", "LSE2", "DELTA", "DLSE"}
+
+
+def signature(fn, source, dtype: str, constants: dict):
+    """Argument types for ``fn``: tensors by name, float scalars, the rest int32."""
+    tensors = {f"t_{t.name}": t for t in source.tensors}
+    out = {}
+    for name in fn.arg_names:
+        if name in constants:
+            out[name] = "constexpr"
+        elif name in POINTERS:
+            out[name] = f"*{dtype}"
+        elif name in FLOAT32_POINTERS or (name.startswith("g_") and f"t_{name[2:]}" in tensors):
+            out[name] = "*fp32"
+        elif name in tensors:
+            out[name] = "*i64" if tensors[name].dtype == "int" else "*fp32"
+        elif name == "sm_scale" or (name.startswith("p_") and source_param_is_float(name)):
+            out[name] = "fp32"
+        else:
+            out[name] = "i32"
+    return out
+
+
+_FLOAT_PARAMS: set[str] = set()
+
+
+def source_for(fn, source, dtype: str, constants: dict) -> ASTSource:
+    """What Triton's launcher would compile for contiguous [B, H, S, D] inputs: unit strides
+    along the head dim become constants, pointers and the other strides are multiples of 16."""
+    unit = [a for a in fn.arg_names if a.startswith("s") and a.endswith("d") and len(a) <= 5]
+    constants = {**constants, **{a: 1 for a in unit}}
+    sig = signature(fn, source, dtype, constants)
+    sixteen = [i for i, a in enumerate(fn.arg_names) if a not in constants and (
+        sig[a].startswith("*") or (a.startswith("s") and len(a) <= 5 and a not in unit))]
+    return ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v
+                                          for k, v in constants.items()},
+                     attrs={(i,): [["tt.divisibility", 16]] for i in sixteen})
+
+
+def source_param_is_float(name: str) -> bool:
+    return name in _FLOAT_PARAMS
+
+
+def resource_usage(cubin: bytes) -> tuple[str, str]:
+    """Registers and spill bytes from the cuobjdump that Triton's package carries."""
+    import re
+    import subprocess
+    import tempfile
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True,
+                              text=True).stdout
+    regs = re.search(r"REG:(\d+)", text)
+    stack = re.search(r"STACK:(\d+)", text)
+    return (regs.group(1) if regs else "?", stack.group(1) if stack else "?")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("spec")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--config", action="append", default=[],
+                        help="kernel:block_m,block_n,warps,stages (e.g. dkdv:64,128,8,3)")
+    args = parser.parse_args()
+    import torch
+    attn = flexdsl.compile(args.spec)
+    _FLOAT_PARAMS.update(f"p_{n}" for n, p in attn.spec.signature.params.items()
+                         if p.dtype == "float")
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    fast_tanh = args.dtype != "fp32"
+    kernels = kernel_compile.compiled(attn.spec, attn.analysis, attn.derivatives,
+                                      fast_tanh=fast_tanh)
+    defaults = default_configs(args.dim, torch_dtype)
+    configs = {"attention_forward": [defaults.forward], "attention_backward_dq": [defaults.dq],
+               "attention_backward_dkdv": [defaults.dkdv]}
+    names = {"forward": "attention_forward", "dq": "attention_backward_dq",
+             "dkdv": "attention_backward_dkdv"}
+    for text in args.config:
+        kernel, numbers = text.split(":")
+        m, n, w, s = map(int, numbers.split(","))
+        configs[names[kernel]].append(Config(m, n, w, s))
+    head = 1 << (args.dim - 1).bit_length()
+    target = GPUTarget("cuda", 90, 32)
+    print(f"| kernel | config | regs | spills | shared KiB |")
+    for kernel_name, candidates in configs.items():
+        fn = getattr(kernels.module, kernel_name)
+        for config in candidates:
+            constants = dict(D=args.dim, HEAD_DIM=head, BLOCK_M=config.block_m,
+                             BLOCK_N=config.block_n, DOT_F32=False,
+                             IEEE=args.dtype == "fp32")
+            if kernel_name == "attention_forward":
+                constants["POS_SCALE"] = True
+            if kernel_name == "attention_backward_dq":
+                constants["TENSOR_GRADS"] = True
+            src = source_for(fn, kernels.source, args.dtype, constants)
+            compiled = triton.compile(src, target=target, options=dict(
+                num_warps=config.num_warps, num_stages=config.num_stages))
+            shared = compiled.metadata.shared / 1024
+            regs, spills = resource_usage(compiled.asm["cubin"])
+            print(f"| {kernel_name} | {config.block_m},{config.block_n},{config.num_warps},"
+                  f"{config.num_stages} | {regs} | {spills} | {shared:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
