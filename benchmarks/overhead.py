@@ -49,7 +49,7 @@ def main():
                for _ in range(3))
     doc = (torch.arange(length, device="cuda") // 50)
     slope = torch.rand(heads, device="cuda")
-    print("| case | flexdsl us/call | flexdsl fwd+bwd us | flex us/call |")
+    print("| case | flexdsl us/call | flexdsl fwd+bwd us | flex us/call | flex fwd+bwd us |")
     for name, (spec, wants) in CASES.items():
         tensors = {n: {"doc": doc, "slope": slope}[n] for n in wants}
         attn = flexdsl.compile(spec)
@@ -62,15 +62,18 @@ def main():
         score = (lambda s, b, h, i, j: s + slope[h] * (j - i)) if "slope" in wants else None
         block = create_block_mask(mask, 1, 1, length, length, device="cuda")
         theirs = per_call_us(lambda: flex(q, k, v, score_mod=score, block_mask=block))
-        print(f"| {name} | {ours:.0f} | {ours_bwd:.0f} | {theirs:.0f} |", flush=True)
-        if args.profile and name == "alibi_documents":
+        theirs_bwd = per_call_us(
+            lambda: flex(qg, k, v, score_mod=score, block_mask=block).backward(grad))
+        print(f"| {name} | {ours:.0f} | {ours_bwd:.0f} | {theirs:.0f} | {theirs_bwd:.0f} |",
+              flush=True)
+        if args.profile and name == "causal":
             profiler = cProfile.Profile()
             profiler.enable()
             for _ in range(300):
-                attn(q, k, v, **tensors)
+                attn(qg, k, v, **tensors).backward(grad)
             torch.cuda.synchronize()
             profiler.disable()
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(14)
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":
