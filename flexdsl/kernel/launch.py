@@ -42,7 +42,7 @@ def _default_configs(head_dim: int, dtype: torch.dtype, interpret: bool) -> Conf
     # From benchmarks/tune.py on an H200 (bf16, B=2 H=16 S=4096, causal). The dk/dv tile at
     # D=128 spills a little (benchmarks/offline_compile.py); spill-free ones timed slower.
     if head_dim <= 64:
-        return Configs(Config(128, 64, 4, 3), Config(64, 64, 4, 3), Config(64, 64, 4, 3))
+        return Configs(Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(64, 64, 4, 3))
     if head_dim <= 128:
         if wide:
             return Configs(Config(64, 32, 4, 2), Config(64, 32, 4, 2), Config(32, 64, 4, 2))
