@@ -153,3 +153,18 @@ def test_opposite_bounds_peak_inside_a_tile():
     assert lo <= 0 <= hi
     q, k, v = torch.randn(1, 1, 17, 8), torch.randn(1, 1, 3, 8), torch.randn(1, 1, 3, 8)
     torch.testing.assert_close(attn(q, k, v).double(), attn.reference(q, k, v)[0])
+
+
+def test_work_trend_orders_heavy_tiles_first():
+    # Kernels start the row tiles with the most columns: the last query tiles of a causal mask,
+    # the first key tiles of its transpose; windows and full attention have no preference.
+    from flexdsl.analysis.bounds import work_trend
+    from flexdsl.analysis.plan import MaskAnalysis
+    cases = {"where q >= kv": (1, -1), "where kv >= q": (-1, 1), "where kv < P or q >= kv": (1, -1),
+             "where 0 <= q - kv < W": (0, 0), "score": (0, 0),
+             "where q // C >= kv // C": (1, -1)}
+    for text, (by_query, by_key) in cases.items():
+        spec = flexdsl.check(text)
+        analysis = MaskAnalysis.of(spec)
+        assert work_trend(analysis.by_query, spec) == by_query, text
+        assert work_trend(analysis.by_key, spec) == by_key, text
