@@ -216,12 +216,12 @@ def test_torch_compile_fullgraph_matches_eager():
 def test_launch_specialisation_key_separates_what_triton_compiles_for():
     # The direct-launch cache may reuse a compiled kernel only for arguments Triton would
     # have specialised the same way.
-    from flexdsl.kernel.launch import _specialisation
+    from flexdsl.kernel.direct import specialisation
     x = torch.zeros(64)
-    assert _specialisation([x, 1, 32, 0.5]) == _specialisation([torch.zeros(64), 1, 48, 2.0])
-    assert _specialisation([x, 1]) != _specialisation([x, 2])          # 1 is a constant
-    assert _specialisation([x, 32]) != _specialisation([x, 33])        # divisible by 16
-    assert _specialisation([x, 3]) != _specialisation([x, 2**40])      # int32 vs int64
-    assert _specialisation([x]) != _specialisation([x[1:]])            # 16-byte alignment
-    assert _specialisation([x]) != _specialisation([x.half()])         # dtype
-    assert _specialisation([x, 2]) != _specialisation([x, 2.0])        # int vs float
+    assert specialisation([x, 1, 32, 0.5]) == specialisation([torch.zeros(64), 1, 48, 2.0])
+    assert specialisation([x, 1]) != specialisation([x, 2])          # 1 is a constant
+    assert specialisation([x, 32]) != specialisation([x, 33])        # divisible by 16
+    assert specialisation([x, 3]) != specialisation([x, 2**40])      # int32 vs int64
+    assert specialisation([x]) != specialisation([x[1:]])            # 16-byte alignment
+    assert specialisation([x]) != specialisation([x.half()])         # dtype
+    assert specialisation([x, 2]) != specialisation([x, 2.0])        # int vs float

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..analysis.plan import MaskAnalysis, check_positive, document_tensors
+from . import direct
 from .compile import CompiledSpec, interpreting
 
 
@@ -70,7 +71,7 @@ def run_fitted(kernel, grid, args, config: Config, shrink: str, **constants):
     smaller one that does (remembered, so the search happens once per kernel and shape)."""
     from triton.runtime.errors import OutOfResources
     key = (id(kernel), config, tuple(constants.items()))
-    if _fast_launch(key, grid, args):
+    if direct.launch(key, grid, args):
         return _fitted[key]
     candidates = [_fitted[key]] if key in _fitted else _fallbacks(config, shrink)
     error = None
@@ -83,7 +84,7 @@ def run_fitted(kernel, grid, args, config: Config, shrink: str, **constants):
             error = why
             continue
         _fitted[key] = candidate
-        _remember(key, kernel, compiled, args, meta)
+        direct.remember(key, kernel, compiled, args, meta)
         return candidate
     raise error
 
@@ -91,77 +92,10 @@ def run_fitted(kernel, grid, args, config: Config, shrink: str, **constants):
 def run(kernel, grid, args, num_warps: int = 4, **constants):
     """Launch ``kernel`` as it is (a kernel whose resources always fit)."""
     key = (id(kernel), num_warps, tuple(constants.items()))
-    if _fast_launch(key, grid, args):
+    if direct.launch(key, grid, args):
         return
     compiled = kernel[grid](*args, num_warps=num_warps, **constants)
-    _remember(key, kernel, compiled, args, constants)
-
-
-# Triton's launch path (binding and specialising every argument in Python) costs about 60 us
-# a launch on the lent H200's host, more than a short kernel runs. After a kernel's first
-# launch, later calls whose arguments specialise the same way call its compiled launcher
-# directly, as Triton itself does at the end of JITFunction.run (same call in 3.6 to 3.9).
-_launchers: dict[tuple, tuple] = {}
-
-
-def _fast_launch_supported() -> bool:
-    return _supported(interpreting())
-
-
-@functools.lru_cache(maxsize=None)
-def _supported(interpret: bool) -> bool:
-    if interpret or not torch.cuda.is_available():
-        return False
-    import triton
-    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
-    return (major, minor) >= (3, 6) and (major, minor) <= (3, 9)
-
-
-def _specialisation(args) -> tuple:
-    """What Triton specialises a compiled kernel on, per argument: a tensor's dtype and 16-byte
-    alignment; an int's width, whether it is 1 and whether 16 divides it (also for ints Triton
-    does not specialise on, which only makes this key finer)."""
-    out = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            out.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif type(a) is int:
-            out.append((a == 1, a % 16 == 0, -2**31 <= a < 2**31))
-        else:
-            out.append(type(a))
-    return tuple(out)
-
-
-def _fast_launch(key, grid, args) -> bool:
-    if not _launchers and not _fast_launch_supported():
-        return False
-    device = args[0].device.index if isinstance(args[0], torch.Tensor) else None
-    entry = _launchers.get((key, device, _specialisation(args)))
-    if entry is None:
-        return False
-    compiled, tail, knobs = entry
-    stream = torch.cuda.current_stream(device).cuda_stream
-    full = (*args, *tail)
-    grid = (*grid, 1, 1)[:3]
-    compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
-                 compiled.launch_metadata(grid, stream, *full),
-                 knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *full)
-    return True
-
-
-def _remember(key, kernel, compiled, args, meta) -> None:
-    if compiled is None or not hasattr(compiled, "packed_metadata") \
-            or not _fast_launch_supported():
-        return
-    from triton import knobs
-    names = kernel.arg_names[len(args):]
-    if set(names) != set(meta):   # a constexpr left to its default: take the slow path
-        return
-    device = args[0].device.index if isinstance(args[0], torch.Tensor) else None
-    if len(_launchers) > 4096:
-        _launchers.clear()
-    _launchers[(key, device, _specialisation(args))] = (
-        compiled, tuple(meta[name] for name in names), knobs)
+    direct.remember(key, kernel, compiled, args, constants)
 
 
 def head_dim_padded(head_dim: int) -> int:
