@@ -17,10 +17,13 @@ from .symbolic import Symbols, to_ir, to_sympy
 
 @dataclass(frozen=True)
 class TensorGradient:
-    """``tensor`` receives ``derivative`` * dS at the indices of ``lookup``."""
+    """``tensor`` receives ``derivative`` * dS at the indices of ``lookup``. ``relative``:
+    the indices see q and kv only through q - kv (a relative-position table), so a tile's
+    gradient can be summed along its diagonals before it is accumulated."""
     tensor: str
     lookup: ir.Lookup
     derivative: ir.Expr
+    relative: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,23 @@ def score_derivatives(spec: CheckedSpec) -> ScoreDerivatives:
         derivative = _tidy(sympy.diff(expression, symbol))
         if derivative == 0:
             continue
-        gradients.append(TensorGradient(lookup.tensor, lookup, to_ir(derivative, symbols)))
+        gradients.append(TensorGradient(lookup.tensor, lookup, to_ir(derivative, symbols),
+                                        _through_difference(lookup, symbols)))
     return ScoreDerivatives(to_ir(d_score, symbols), tuple(gradients))
+
+
+def _through_difference(lookup: ir.Lookup, symbols: Symbols) -> bool:
+    """Whether every index of ``lookup`` depends on q and kv, if at all, only through q - kv."""
+    positions = {"q", "kv"}
+    uses = {n.id for i in lookup.indices for n in ir.walk(i) if isinstance(n, ir.Name)}
+    if not positions <= uses:
+        return False
+    if any(isinstance(n, ir.Lookup) for i in lookup.indices for n in ir.walk(i)):
+        return False
+    q, kv = symbols["q"], symbols["kv"]
+    difference = sympy.Symbol("difference", integer=True)
+    return not any(sympy.expand(to_sympy(i, symbols).subs(q, kv + difference)).has(kv)
+                   for i in lookup.indices)
 
 
 def _tidy(expression):

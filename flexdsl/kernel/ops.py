@@ -44,13 +44,12 @@ class Entry:
     def backward(self, q, k, v, out, lse, grad_out, grad_lse, scale, params, tensors,
                  tensor_grads: bool = True):
         """dq, dk, dv and the gradients of ``gradient_tensors``, in their tensors' dtypes
-        (zeros unless ``tensor_grads``)."""
+        (None unless ``tensor_grads``)."""
         call = self.call(scale, params, list(tensors))
         dq, dk, dv, grads = launch.backward(self.kernels, self.analysis, q, k, v, out, lse,
                                             grad_out, call, self.backward_configs,
                                             grad_lse=grad_lse, tensor_grads=tensor_grads)
-        return dq, dk, dv, [grads[name].to(call.tensors[name].dtype) if name in grads
-                            else torch.zeros_like(call.tensors[name])
+        return dq, dk, dv, [grads[name].to(call.tensors[name].dtype) if name in grads else None
                             for name in self.gradient_tensors]
 
 

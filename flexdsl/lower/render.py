@@ -11,13 +11,10 @@ import textwrap
 from dataclasses import dataclass
 from importlib import resources
 
-import sympy
-
 from .. import ir
 from ..analysis.bounds import Solved, work_trend
 from ..analysis.derivatives import ScoreDerivatives, TensorGradient
 from ..analysis.plan import MaskAnalysis
-from ..analysis.symbolic import Symbols, to_sympy
 from ..check import INT, CheckedSpec, Signature, TensorParam, Typer
 from .expr import Lowering, param_name, tensor_name
 
@@ -88,7 +85,7 @@ def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivati
         "BWD_BOUNDS": _bounds_code(analysis.by_key, type_of, "kv_idx_rows", "q_len",
                                    "docs_exact_k", indent=8),
         "FWD_BODY": _forward_body(score_code, mask),
-        "DQ_BODY": _dq_body(score_code, mask, d_score, gradients, tile, spec),
+        "DQ_BODY": _dq_body(score_code, mask, d_score, gradients, tile),
         "DKDV_BODY": _dkdv_body(score_code, mask, d_score),
     }
     template = resources.files("flexdsl.kernel").joinpath("templates/attention.py.in")
@@ -229,14 +226,13 @@ def _forward_body(score_code: str, mask: str) -> str:
     return textwrap.indent("\n".join(lines), " " * 8)
 
 
-def _gradient_code(g: TensorGradient, tile: Lowering, valid: str, spec: CheckedSpec
-                   ) -> list[str]:
+def _gradient_code(g: TensorGradient, tile: Lowering, valid: str) -> list[str]:
     """Accumulate ds * d(score expression)/d T[i...] into T's gradient, reduced where the index
     does not vary so that atomics stay few."""
     name = g.tensor
     uses = {n.id for i in g.lookup.indices for n in ir.walk(i) if isinstance(n, ir.Name)}
     value = f"tl.where({valid}, ds * ({tile.floating(g.derivative)}), 0.0)"
-    if "q" in uses and "kv" in uses and _depends_on_difference(g.lookup, spec):
+    if g.relative:
         return _diagonal_gradient(g, value, tile)
     pointer = _gradient_pointer(g, tile)
     if "q" in uses and "kv" in uses:
@@ -254,21 +250,6 @@ def _gradient_pointer(g: TensorGradient, tile: Lowering) -> str:
         idx = f"tl.minimum(tl.maximum({tile.expr(index)}, 0), {tensor_name(g.tensor)}_n{i} - 1)"
         offsets.append(f"({idx}).to(tl.int64) * g_{g.tensor}_s{i}")
     return f"g_{g.tensor} + " + " + ".join(offsets)
-
-
-def _depends_on_difference(lookup: ir.Lookup, spec: CheckedSpec) -> bool:
-    """Whether the lookup's indices see q and kv only through q - kv (a relative position
-    table): then a tile's gradient can be summed along its diagonals before the atomics."""
-    if any(isinstance(n, ir.Lookup) for i in lookup.indices for n in ir.walk(i)):
-        return False
-    symbols = Symbols(spec)
-    q, kv = symbols["q"], symbols["kv"]
-    difference = sympy.Symbol("difference", integer=True)
-    for index in lookup.indices:
-        shifted = to_sympy(index, symbols).subs(q, kv + difference)
-        if sympy.expand(shifted).has(kv):
-            return False
-    return True
 
 
 def _diagonal_gradient(g: TensorGradient, value: str, tile: Lowering) -> list[str]:
@@ -320,12 +301,12 @@ def _recompute(product: str, score_code: str, mask: str, rows: str, dp: str,
     return lines + list(after_ds)
 
 
-def _dq_body(score_code, mask, d_score, gradients, tile: Lowering, spec=None) -> str:
+def _dq_body(score_code, mask, d_score, gradients, tile: Lowering) -> str:
     gradient_lines = []
     if gradients:
         body = ["g_valid = q_ok & kv_ok", "if masked:", f"    g_valid = g_valid & ({mask})"]
         for g in gradients:
-            body += _gradient_code(g, tile, "g_valid", spec)
+            body += _gradient_code(g, tile, "g_valid")
         gradient_lines = ["if TENSOR_GRADS:", *("    " + line for line in body)]
     lines = [
         *_key_tile("v = tl.load(v_base + kv_idx * svn + offs_d[:, None] * svd, "
