@@ -80,6 +80,15 @@ def resource_usage(cubin: bytes) -> tuple[str, str]:
     return (regs.group(1) if regs else "?", stack.group(1) if stack else "?")
 
 
+def dump(folder: str, stem: str, asm: dict) -> None:
+    os.makedirs(folder, exist_ok=True)
+    for kind in ("ttgir", "ptx"):
+        with open(os.path.join(folder, f"{stem}.{kind}"), "w") as f:
+            f.write(asm[kind])
+    with open(os.path.join(folder, f"{stem}.cubin"), "wb") as f:
+        f.write(asm["cubin"])
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("spec")
@@ -87,6 +96,9 @@ def main():
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--config", action="append", default=[],
                         help="kernel:block_m,block_n,warps,stages (e.g. dkdv:64,128,8,3)")
+    parser.add_argument("--no-tma", action="store_true", help="the per-element load path")
+    parser.add_argument("--dump", default="",
+                        help="a folder to write each kernel's ttgir, ptx and cubin into")
     args = parser.parse_args()
     import torch
     attn = flexdsl.compile(args.spec)
@@ -113,7 +125,7 @@ def main():
         for config in candidates:
             constants = dict(D=args.dim, HEAD_DIM=head, BLOCK_M=config.block_m,
                              BLOCK_N=config.block_n, DOT_F32=False,
-                             IEEE=args.dtype == "fp32")
+                             IEEE=args.dtype == "fp32", TMA=not args.no_tma)
             if kernel_name == "attention_forward":
                 constants["POS_SCALE"] = True
             if kernel_name == "attention_backward_dq":
@@ -123,6 +135,9 @@ def main():
                 num_warps=config.num_warps, num_stages=config.num_stages))
             shared = compiled.metadata.shared / 1024
             regs, spills = resource_usage(compiled.asm["cubin"])
+            if args.dump:
+                dump(args.dump, f"{kernel_name}-{config.block_m}x{config.block_n}"
+                     f"w{config.num_warps}s{config.num_stages}", compiled.asm)
             print(f"| {kernel_name} | {config.block_m},{config.block_n},{config.num_warps},"
                   f"{config.num_stages} | {regs} | {spills} | {shared:.0f} |", flush=True)
 
