@@ -12,6 +12,7 @@ import torch
 
 import flexdsl
 from flexdsl.kernel import compile as kernel_compile
+from flexdsl.kernel.launch import Config, tma_ready
 
 from catalogue import BY_NAME, CATALOGUE, Case, compiled_step_matches_eager
 
@@ -32,10 +33,10 @@ def _inputs(case: Case, batch, heads, kv_heads, q_len, kv_len, dim, dtype, seed)
 
 
 def _check(case: Case, q_len, kv_len, dtype, *, heads=4, kv_heads=2, dim=16, batch=2,
-           seed=0, backward=True):
+           seed=0, backward=True, options=TRITON):
     if case.equal_lengths and q_len != kv_len:
         pytest.skip("this spec's lookups need equal lengths")
-    attn = flexdsl.compile(case.spec, options=TRITON, **case.params)
+    attn = flexdsl.compile(case.spec, options=options, **case.params)
     q, k, v, tensors = _inputs(case, batch, heads, kv_heads, q_len, kv_len, dim, dtype, seed)
     learn = {n: t.requires_grad_() for n, t in tensors.items() if t.is_floating_point()}
     for t in (q, k, v):
@@ -91,6 +92,37 @@ def test_lengths(case, q_len, kv_len):
 def test_more_lengths(name, q_len, kv_len):
     _check(BY_NAME[name], q_len, kv_len, torch.float32, heads=2, kv_heads=1, batch=1,
            seed=q_len * 7 + kv_len)
+
+
+# The interpreter's default tiles read through tensor descriptors; these take the pointer path.
+POINTERS = flexdsl.KernelOptions(backend="triton", **{
+    name: Config(16, 16, 1, 1, tma=False) for name in ("forward", "dq", "dkdv")})
+
+
+@pytest.mark.parametrize("name", ["causal", "packed_documents", "alibi", "softcap"])
+def test_pointer_loads(name):
+    _check(BY_NAME[name], 37, 45, torch.float32, options=POINTERS, seed=11)
+
+
+@pytest.mark.parametrize("options", [TRITON, POINTERS], ids=["descriptors", "pointers"])
+def test_mask_naming_the_head(options):
+    # A mask that names h gives each query head of a group its own query range in the dk/dv
+    # pass: the loop over the group's heads stays a loop of its own there.
+    case = Case("per_head_window", "where q >= kv and q - kv < 5 + 7 * h")
+    _check(case, 37, 45, torch.float32, heads=4, kv_heads=2, options=options, seed=12)
+
+
+def test_descriptors_only_where_the_copy_engine_can_read():
+    config = Config(16, 16)
+    x = torch.zeros(2, 3, 40, 16)
+    assert tma_ready((x,), 16, config)
+    assert not tma_ready((x,), 16, Config(16, 16, tma=False))
+    assert not tma_ready((torch.zeros(2, 3, 40, 15),), 15, config)   # rows of 60 bytes
+    assert not tma_ready((x.transpose(2, 3),), 40, config)           # D not contiguous
+    assert not tma_ready((x.expand(2, 3, 40, 16).flatten()[1:641].view(1, 1, 40, 16),), 16,
+                         config)                                       # start not aligned
+    assert not tma_ready((torch.zeros(16).expand(2, 3, 40, 16),), 16, config)  # stride 0
+    assert tma_ready((x.transpose(1, 2).contiguous().transpose(1, 2),), 16, config)
 
 
 def test_fully_masked_rows_give_zero_and_minus_inf():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -14,11 +14,13 @@ from .compile import CompiledSpec, interpreting
 
 @dataclass(frozen=True)
 class Config:
-    """Tile sizes and launch settings for one pass."""
+    """Tile sizes and launch settings for one pass. ``tma``: read the loop's tiles through
+    tensor descriptors (the copy engine) where the GPU and the tensors' strides allow."""
     block_m: int
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    tma: bool = True
 
 
 @dataclass(frozen=True)
@@ -39,15 +41,28 @@ def _default_configs(head_dim: int, dtype: torch.dtype, interpret: bool) -> Conf
     if interpret:
         small = Config(16, 16, 1, 1)
         return Configs(small, small, small)
-    wide = dtype == torch.float32
-    # From benchmarks/tune.py on an H200 (bf16, B=2 H=16 S=4096, causal). The dk/dv tile at
-    # D=128 spills a little (benchmarks/offline_compile.py); spill-free ones timed slower.
+    configs = _gpu_configs(head_dim, dtype == torch.float32)
+    if dtype == torch.float32 or head_dim > 128:
+        # Descriptors were timed and tested on the GPU for 16-bit inputs up to D=128 only.
+        configs = Configs(*(replace(c, tma=False)
+                            for c in (configs.forward, configs.dq, configs.dkdv)))
+    return configs
+
+
+def _gpu_configs(head_dim: int, wide: bool) -> Configs:
+    # From benchmarks/tune.py on an H200 (bf16, B=2 H=16 S=4096, causal), each pass with and
+    # without descriptors. They paid off in the dk/dv pass at D=128 only (the whole backward
+    # 1.142 ms against 1.190); elsewhere they timed the same or slower, and they cost a short
+    # call some 35 us. (A 128x128 forward tile with descriptors timed 0.320 ms against 0.350
+    # at D=128, but the ALiBi slope gradient at S=4096 then missed its GPU test's bound.)
     if head_dim <= 64:
-        return Configs(Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(64, 64, 4, 3))
+        return Configs(Config(128, 64, 8, 3, tma=False), Config(64, 64, 4, 3, tma=False),
+                       Config(64, 64, 4, 2, tma=False))
     if head_dim <= 128:
         if wide:
             return Configs(Config(64, 32, 4, 2), Config(64, 32, 4, 2), Config(32, 64, 4, 2))
-        return Configs(Config(128, 64, 8, 3), Config(128, 64, 8, 3), Config(64, 64, 4, 2))
+        return Configs(Config(128, 64, 8, 3, tma=False), Config(128, 64, 8, 3, tma=False),
+                       Config(64, 64, 4, 2))
     return Configs(Config(64, 32, 4, 2), Config(64, 16, 4, 2), Config(16, 64, 4, 2))
 
 
@@ -102,6 +117,48 @@ def head_dim_padded(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
+def tma_ready(tensors, head_dim: int, config: Config) -> bool:
+    """Whether the kernels may read ``tensors`` ([B, H, S, D]) through tensor descriptors:
+    asked for, a Hopper or newer GPU (or the interpreter), and the copy engine's rules: a
+    16-byte aligned start for every (batch, head), positive 16-byte strides over heads and
+    positions, unit stride along D."""
+    if not (config.tma and head_dim_padded(head_dim) <= 256
+            and _copy_engine(tensors[0].device, interpreting())):
+        return False
+    for t in tensors:
+        size = t.element_size()
+        batch_stride, head_stride, row_stride, d_stride = t.stride()
+        if t.data_ptr() % 16 or d_stride != 1 or (t.shape[0] > 1 and batch_stride * size % 16):
+            return False
+        if any(s <= 0 or s * size % 16 for s in (head_stride, row_stride)):
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _copy_engine(device: torch.device, interpret: bool) -> bool:
+    import triton
+    if not hasattr(triton.language, "make_tensor_descriptor"):
+        return False
+    if interpret:
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _scratch(size: int, alignment: int, stream):
+    """Global memory for the descriptors the kernels make (128 bytes a program)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Descriptors made inside a kernel need Triton's allocator; set ours unless the caller
+    has set one (it lives in a context variable, so check every launch)."""
+    from triton.runtime import _allocation
+    if type(_allocation._allocator.get()).__name__ == "NullAllocator":
+        import triton
+        triton.set_allocator(_scratch)
+
+
 @dataclass
 class Call:
     """Everything a launch needs beyond q, k, v: scalars and the spec's tensor arguments."""
@@ -147,11 +204,14 @@ def forward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, call: Call,
         return out, lse
     args, exact_q, _ = spec_arguments(kernels, analysis, q, k, call)
     grid = (triton_cdiv(q_len, config.block_m), batch * heads)
+    tma = tma_ready((k, v), head_dim, config)
+    if tma:
+        _ensure_allocator()
     run_fitted(kernels.module.attention_forward, grid,
                (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                 q_len, kv_len, heads, heads // kv_heads, call.scale, exact_q, *args),
                config, "block_n", D=head_dim, HEAD_DIM=head_dim_padded(head_dim),
-               POS_SCALE=call.scale > 0, **_flags(q))
+               POS_SCALE=call.scale > 0, TMA=tma, **_flags(q))
     return out, lse
 
 
@@ -173,6 +233,15 @@ def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, g
     if q_len == 0 or kv_len == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
         return dq, dk, dv, grads
+    dq_tma = tma_ready((k, v), head_dim, dq_config)
+    dkdv_tma = tma_ready((q, grad_out), head_dim, dkdv_config)
+    if not dkdv_tma and tma_ready((q,), head_dim, dkdv_config):
+        # A gradient from .sum() is one value broadcast (stride 0): copy it once so that the
+        # dk/dv loop reads it through the copy engine.
+        grad_out = grad_out.contiguous()
+        dkdv_tma = tma_ready((q, grad_out), head_dim, dkdv_config)
+    if dq_tma or dkdv_tma:
+        _ensure_allocator()
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     lse2 = torch.empty_like(lse)
@@ -199,12 +268,12 @@ def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, g
                (triton_cdiv(q_len, dq_config.block_m), batch * heads),
                (q, k, v, grad_out, lse2, delta, dq, *common, *dq.stride(),
                 q_len, kv_len, heads, heads // kv_heads, call.scale, exact_q, *args, *grad_args),
-               dq_config, "block_n", TENSOR_GRADS=tensor_grads, **constants)
+               dq_config, "block_n", TENSOR_GRADS=tensor_grads, TMA=dq_tma, **constants)
     run_fitted(kernels.module.attention_backward_dkdv,
                (triton_cdiv(kv_len, dkdv_config.block_n), batch * kv_heads),
                (q, k, v, grad_out, lse2, delta, dk, dv, *common, *dk.stride(), *dv.stride(),
                 q_len, kv_len, heads, heads // kv_heads, call.scale, exact_k, *args),
-               dkdv_config, "block_m", **constants)
+               dkdv_config, "block_m", TMA=dkdv_tma, **constants)
     return dq, dk, dv, grads
 
 

@@ -82,15 +82,66 @@ def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivati
         "GRAD_ARGS": "".join(f"{a}, " for a in grad_args),
         "FWD_BOUNDS": _bounds_code(analysis.by_query, type_of, "q_idx_rows", "kv_len",
                                    "docs_exact_q", indent=4),
-        "BWD_BOUNDS": _bounds_code(analysis.by_key, type_of, "kv_idx_rows", "q_len",
-                                   "docs_exact_k", indent=8),
         "FWD_BODY": _forward_body(score_code, mask),
         "DQ_BODY": _dq_body(score_code, mask, d_score, gradients, tile),
-        "DKDV_BODY": _dkdv_body(score_code, mask, d_score),
+        "DKDV_LOOP": _dkdv_loop(analysis, type_of, _dkdv_body(score_code, mask, d_score),
+                                per_head=_mask_uses_head(spec)),
     }
     template = resources.files("flexdsl.kernel").joinpath("templates/attention.py.in")
     text = string.Template(template.read_text()).substitute(fields)
     return KernelSource(text, params, tuple(tensors), gradients, tuple(no_specialize))
+
+
+def _mask_uses_head(spec: CheckedSpec) -> bool:
+    mask = spec.spec.mask
+    return mask is not None and any(isinstance(n, ir.Name) and n.id == "h" for n in ir.walk(mask))
+
+
+_QUERY_RANGE = """\
+m_lo = (span_lo // BLOCK_M) * BLOCK_M
+m_hi = span_hi + 1
+f_start = ((full_lo + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+f_stop = tl.minimum(((full_hi + 1) // BLOCK_M) * BLOCK_M, (q_len // BLOCK_M) * BLOCK_M)
+has_full = (full_lo <= full_hi) & (f_start < f_stop)
+f_start = tl.where(has_full, f_start, m_lo)
+f_stop = tl.where(has_full, f_stop, m_lo)
+"""
+
+_HEAD_BASES = """\
+off_bh = b * n_heads + h
+q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
+"""
+
+
+def _dkdv_loop(analysis: MaskAnalysis, type_of, body: str, per_head: bool) -> str:
+    """The dk/dv pass's loop over (query head of the group, query tile). Where the mask does
+    not name h, every head sees the same query range: one flat loop over both, since a loop
+    nested in the group loop kept more values live and spilled registers."""
+    if per_head:
+        bounds = _bounds_code(analysis.by_key, type_of, "kv_idx_rows", "q_len", "docs_exact_k",
+                              indent=8)
+        return "\n".join([
+            "    for g in range(0, group):",
+            "        h = kvh * group + g",
+            bounds,
+            textwrap.indent(_QUERY_RANGE + _HEAD_BASES, " " * 8).rstrip(),
+            "        for start_m in range(m_lo, m_hi, BLOCK_M):",
+            textwrap.indent(body, " " * 12),
+        ])
+    bounds = _bounds_code(analysis.by_key, type_of, "kv_idx_rows", "q_len", "docs_exact_k",
+                          indent=4)
+    return "\n".join([
+        bounds,
+        textwrap.indent(_QUERY_RANGE, " " * 4).rstrip(),
+        "    m_tiles = tl.maximum(tl.cdiv(m_hi - m_lo, BLOCK_M), 0)",
+        "    for step in range(0, group * m_tiles):",
+        "        g = step // m_tiles",
+        "        start_m = m_lo + (step - g * m_tiles) * BLOCK_M",
+        "        h = kvh * group + g",
+        textwrap.indent(_HEAD_BASES, " " * 8).rstrip(),
+        textwrap.indent(body, " " * 8),
+    ])
 
 
 def _tile_order(trend: int) -> str:
@@ -171,17 +222,22 @@ def _dot(a: str, b: str, acc: str = "None") -> str:
     return f"_dot({a}, {b}, {acc}, IEEE)"
 
 
-def _key_tile(load_v: str) -> list[str]:
-    """Positions of the key tile at ``start_n``, k loaded as [HEAD_DIM, BLOCK_N], and v as
-    ``load_v`` lays it out ([BLOCK_N, HEAD_DIM] for P @ V, transposed for dP = dO @ Vᵀ)."""
+def _key_tile(load_v: str, v_tma: str) -> list[str]:
+    """Positions of the key tile at ``start_n``, k as [HEAD_DIM, BLOCK_N], and v as ``load_v``
+    (or ``v_tma``, from the descriptor) lays it out: [BLOCK_N, HEAD_DIM] for P @ V,
+    transposed for dP = dO @ Vᵀ."""
     return [
         "start_n = tl.multiple_of(start_n, BLOCK_N)",
         "kv_cols = start_n + tl.arange(0, BLOCK_N)",
         "kv_idx = kv_cols[None, :]",
         "kv_ok = kv_idx < kv_len",
-        "k = tl.load(k_base + kv_idx * skn + offs_d[:, None] * skd, "
+        "if TMA:",
+        "    k = tl.trans(k_tiles.load([start_n, 0]))",
+        f"    v = {v_tma}",
+        "else:",
+        "    k = tl.load(k_base + kv_idx * skn + offs_d[:, None] * skd, "
         "mask=kv_ok & d_ok[:, None], other=0.0)",
-        load_v,
+        f"    {load_v}",
         "if DOT_F32:",
         "    k = k.to(tl.float32)",
         "    v = v.to(tl.float32)",
@@ -194,7 +250,8 @@ def _forward_body(score_code: str, mask: str) -> str:
     values live at once and spilled registers."""
     identity = score_code == "s_mod = score"
     lines = [*_key_tile("v = tl.load(v_base + kv_cols[:, None] * svn + offs_d[None, :] * svd, "
-                        "mask=(kv_cols[:, None] < kv_len) & d_ok[None, :], other=0.0)"),
+                        "mask=(kv_cols[:, None] < kv_len) & d_ok[None, :], other=0.0)",
+                        "v_tiles.load([start_n, 0])"),
              f"qk = {_dot('q', 'k')}",
              "masked = (start_n < f_start) | (start_n >= f_stop)"]
     if identity:
@@ -310,7 +367,8 @@ def _dq_body(score_code, mask, d_score, gradients, tile: Lowering) -> str:
         gradient_lines = ["if TENSOR_GRADS:", *("    " + line for line in body)]
     lines = [
         *_key_tile("v = tl.load(v_base + kv_idx * svn + offs_d[:, None] * svd, "
-                   "mask=kv_ok & d_ok[:, None], other=0.0)"),
+                   "mask=kv_ok & d_ok[:, None], other=0.0)",
+                   "tl.trans(v_tiles.load([start_n, 0]))"),
         "masked = (start_n < f_start) | (start_n >= f_stop)",
         *_recompute(_dot("q", "k"), score_code, mask, "[:, None]", _dot("do", "v"), d_score,
                     after_ds=tuple(gradient_lines)),
@@ -327,9 +385,13 @@ def _dkdv_body(score_code, mask, d_score) -> str:
         "q_rows_t = start_m + tl.arange(0, BLOCK_M)",
         "q_idx = q_rows_t[None, :]",
         "q_ok = q_idx < q_len",
-        "q_t = tl.load(q_base + q_idx * sqm + offs_d[:, None] * sqd, "
+        "if TMA:",
+        "    q_t = tl.trans(q_tiles.load([g, start_m, 0]).reshape(BLOCK_M, HEAD_DIM))",
+        "    do = do_tiles.load([g, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)",
+        "else:",
+        "    q_t = tl.load(q_base + q_idx * sqm + offs_d[:, None] * sqd, "
         "mask=q_ok & d_ok[:, None], other=0.0)",
-        "do = tl.load(do_base + q_rows_t[:, None] * sdm + offs_d[None, :] * sdd, "
+        "    do = tl.load(do_base + q_rows_t[:, None] * sdm + offs_d[None, :] * sdd, "
         "mask=(q_rows_t[:, None] < q_len) & d_ok[None, :], other=0.0)",
         "if DOT_F32:",
         "    q_t = q_t.to(tl.float32)",
@@ -344,7 +406,7 @@ def _dkdv_body(score_code, mask, d_score) -> str:
                     after_p=(f"dv = {_dot('p.to(do.dtype)', 'do', 'dv')}",)),
         f"dk = {_dot('dscore.to(q_t.dtype)', 'tl.trans(q_t)', 'dk')}",
     ]
-    return textwrap.indent("\n".join(lines), " " * 12)
+    return "\n".join(lines)
 
 
 __all__ = ["KernelSource", "render"]
