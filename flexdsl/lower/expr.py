@@ -5,7 +5,7 @@ The kernel templates define a fixed set of names the text may use: ``q_idx`` ([B
 ``score``, the parameters (``p_<name>``), and per tensor a pointer ``t_<name>``, its strides
 ``t_<name>_s<i>`` and sizes ``t_<name>_n<i>``. Python-semantics ``//`` and ``%`` (by a literal, by
 a per-program value, by a per-element value) and the transcendental functions are helpers the
-templates define (``_fdiv_c``, ``_fdiv_s``, ``_fdiv``, ``_tanh``...).
+templates define (``_fdiv_s``, ``_fdiv``, ``_tanh``...).
 """
 from __future__ import annotations
 
@@ -99,9 +99,8 @@ class Lowering:
                 value = node.left.value // node.right.value if op == "//" else \
                     node.left.value % node.right.value
                 return repr(value)
-            if isinstance(node.right, ir.Num):
-                return f"{helper}_c({left}, {right})"
-            if _uniform(node.right):
+            if _uniform(node.right) and not isinstance(node.right, ir.Num):
+                # A literal stays with the plain helper: the compiler divides by a constant.
                 return f"{helper}_s({left}, {right})"
             return f"{helper}({left}, {right})"
         if op == "**":
