@@ -138,25 +138,48 @@ def tma_ready(tensors, head_dim: int, config: Config) -> bool:
 @functools.lru_cache(maxsize=None)
 def _copy_engine(device: torch.device, interpret: bool) -> bool:
     import triton
-    if not hasattr(triton.language, "make_tensor_descriptor"):
+    if not hasattr(triton.language, "make_tensor_descriptor") or _allocator_slot() is None:
         return False
     if interpret:
         return True
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+@functools.lru_cache(maxsize=None)
+def _allocator_slot():
+    """Triton's context variable holding its allocator (3.6-3.9), or None if this version
+    keeps it elsewhere: then the kernels do without descriptors."""
+    try:
+        from triton.runtime import _allocation
+        return _allocation._allocator
+    except (ImportError, AttributeError):
+        return None
+
+
 def _scratch(size: int, alignment: int, stream):
-    """Global memory for the descriptors the kernels make (128 bytes a program)."""
+    """Global memory for the descriptors the kernels make (128 bytes a program), on the
+    device the launch runs on."""
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _ensure_allocator() -> None:
     """Descriptors made inside a kernel need Triton's allocator; set ours unless the caller
-    has set one (it lives in a context variable, so check every launch)."""
-    from triton.runtime import _allocation
-    if type(_allocation._allocator.get()).__name__ == "NullAllocator":
+    has set one. It lives in a context variable (a new thread, such as autograd's backward
+    worker, starts without it), so check every launch."""
+    if type(_allocator_slot().get()).__name__ == "NullAllocator":
         import triton
         triton.set_allocator(_scratch)
+
+
+def _on_tensors_device(launch):
+    """Run ``launch`` with q's GPU current: Triton launches on the current device."""
+    @functools.wraps(launch)
+    def wrapper(kernels, analysis, q, *args, **kwargs):
+        if q.is_cuda and q.device.index != torch.cuda.current_device():
+            with torch.cuda.device(q.device):
+                return launch(kernels, analysis, q, *args, **kwargs)
+        return launch(kernels, analysis, q, *args, **kwargs)
+    return wrapper
 
 
 @dataclass
@@ -193,6 +216,7 @@ def _flags(q):
     return dict(DOT_F32=interpret, IEEE=(q.dtype == torch.float32 and not interpret))
 
 
+@_on_tensors_device
 def forward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, call: Call,
             config: Config | None = None):
     batch, heads, q_len, head_dim = q.shape
@@ -215,6 +239,7 @@ def forward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, call: Call,
     return out, lse
 
 
+@_on_tensors_device
 def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, grad_out,
              call: Call, configs: Configs | None = None, grad_lse=None,
              tensor_grads: bool = True):
