@@ -95,8 +95,9 @@ def main():
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--config", action="append", default=[],
-                        help="kernel:block_m,block_n,warps,stages (e.g. dkdv:64,128,8,3)")
-    parser.add_argument("--no-tma", action="store_true", help="the per-element load path")
+                        help="kernel:block_m,block_n,warps,stages[,tma] (e.g. dkdv:64,128,8,3,1)")
+    parser.add_argument("--no-tma", action="store_true",
+                        help="pointer loads everywhere (else as each config says)")
     parser.add_argument("--dump", default="",
                         help="a folder to write each kernel's ttgir, ptx and cubin into")
     args = parser.parse_args()
@@ -115,8 +116,8 @@ def main():
              "dkdv": "attention_backward_dkdv"}
     for text in args.config:
         kernel, numbers = text.split(":")
-        m, n, w, s = map(int, numbers.split(","))
-        configs[names[kernel]].append(Config(m, n, w, s))
+        values = [int(x) for x in numbers.split(",")]
+        configs[names[kernel]].append(Config(*values[:4], tma=bool((values[4:] or [1])[0])))
     head = 1 << (args.dim - 1).bit_length()
     target = GPUTarget("cuda", 90, 32)
     print(f"| kernel | config | regs | spills | shared KiB |")
@@ -125,7 +126,7 @@ def main():
         for config in candidates:
             constants = dict(D=args.dim, HEAD_DIM=head, BLOCK_M=config.block_m,
                              BLOCK_N=config.block_n, DOT_F32=False,
-                             IEEE=args.dtype == "fp32", TMA=not args.no_tma)
+                             IEEE=args.dtype == "fp32", TMA=config.tma and not args.no_tma)
             if kernel_name == "attention_forward":
                 constants["POS_SCALE"] = True
             if kernel_name == "attention_backward_dq":
