@@ -185,6 +185,22 @@ def test_floor_division_by_a_parameter(divisor):
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
 
 
+def _head_divisors(batch, heads, q_len, kv_len, gen, device):
+    return torch.tensor([3, -5, 4, 1, 7, -8, 2, 6][:heads], device=device)
+
+
+@pytest.mark.parametrize("spec", [
+    "score + 0.1 * ((kv - q) // W[h]) + 0.05 * ((q + 3) % W[h]) where q >= kv",
+    "where q >= kv and (q - kv) % W[h] != 1",
+])
+def test_divisors_per_head(spec):
+    # Divisors prepared before the loop: in the dk/dv pass, one that names h is prepared per
+    # head of the group (the score), or the loops stay nested (the mask). Signs and powers of
+    # two included.
+    _check(Case("per_head_divisor", spec, tensors={"W": _head_divisors}), 29, 35,
+           torch.float32, heads=4, kv_heads=2, seed=21)
+
+
 def test_tables_without_gradients_cost_nothing_and_stay_correct():
     # A score table that does not require grad skips its reduction; q, k, v grads still match.
     attn = flexdsl.compile("score + slope[h] * (kv - q) where q >= kv", options=TRITON)

@@ -5,7 +5,7 @@ The kernel templates define a fixed set of names the text may use: ``q_idx`` ([B
 ``score``, the parameters (``p_<name>``), and per tensor a pointer ``t_<name>``, its strides
 ``t_<name>_s<i>`` and sizes ``t_<name>_n<i>``. Python-semantics ``//`` and ``%`` (by a literal, by
 a per-program value, by a per-element value) and the transcendental functions are helpers the
-templates define (``_fdiv_s``, ``_fdiv``, ``_tanh``...).
+templates define (``_fdiv_p``, ``_fdiv_s``, ``_fdiv``, ``_tanh``...).
 """
 from __future__ import annotations
 
@@ -27,14 +27,34 @@ def tensor_name(name: str) -> str:
     return f"t_{name}"
 
 
+@dataclass(frozen=True)
+class Divisor:
+    """A divisor that is one value per program, prepared once (``_divisor``) outside the
+    loop. ``per_head``: it names h, which the dk/dv pass changes from step to step."""
+    name: str
+    text: str
+    per_head: bool
+
+    @property
+    def prepare(self) -> str:
+        return f"{self.args} = _divisor({self.text})"
+
+    @property
+    def args(self) -> str:
+        return ", ".join(f"{self.name}_{part}" for part in ("b", "neg", "d", "bits", "magic"))
+
+
 @dataclass
 class Lowering:
     """Lowers expressions of one spec. ``types`` gives each node's type; ``valid`` maps a
-    position name to the text of its in-range mask (lookups at padding rows must not load)."""
+    position name to the text of its in-range mask (lookups at padding rows must not load).
+    With ``divisors``, divisors fixed per program are collected there, to be prepared before
+    the loop, instead of at each use inside it."""
     type_of: object
     positions: dict[str, str]
     valid: dict[str, str] = field(default_factory=dict)
     tensors_used: set[str] = field(default_factory=set)
+    divisors: dict[str, Divisor] | None = None
 
     def expr(self, node: ir.Expr) -> str:
         return getattr(self, "_" + type(node).__name__)(node)
@@ -79,6 +99,12 @@ class Lowering:
         mask = f", mask={' & '.join(masks)}, other=0" if masks else ""
         return f"tl.load({t} + {' + '.join(offsets)}{mask})"
 
+    def _divisor(self, node: ir.Expr, text: str) -> Divisor:
+        if text not in self.divisors:
+            per_head = any(isinstance(n, ir.Name) and n.id == "h" for n in ir.walk(node))
+            self.divisors[text] = Divisor(f"div{len(self.divisors)}", text, per_head)
+        return self.divisors[text]
+
     def _Unary(self, node: ir.Unary) -> str:
         if node.op == "not":
             return f"(~({self.expr(node.operand)}))"
@@ -101,7 +127,9 @@ class Lowering:
                 return repr(value)
             if _uniform(node.right) and not isinstance(node.right, ir.Num):
                 # A literal stays with the plain helper: the compiler divides by a constant.
-                return f"{helper}_s({left}, {right})"
+                if self.divisors is None:
+                    return f"{helper}_s({left}, {right})"
+                return f"{helper}_p({left}, {self._divisor(node.right, right).args})"
             return f"{helper}({left}, {right})"
         if op == "**":
             exponent = node.right

@@ -16,7 +16,7 @@ from ..analysis.bounds import Solved, work_trend
 from ..analysis.derivatives import ScoreDerivatives, TensorGradient
 from ..analysis.plan import MaskAnalysis
 from ..check import INT, CheckedSpec, Signature, TensorParam, Typer
-from .expr import Lowering, param_name, tensor_name
+from .expr import Divisor, Lowering, param_name, tensor_name
 
 _TANH_PORTABLE = """\
     # tanh from exp2, which every backend (the interpreter too) has.
@@ -66,11 +66,14 @@ def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivati
     no_specialize = [a for a in no_specialize if not _is_pointer(a, tensors)]
 
     tile = Lowering(type_of, {"q": "q_idx", "kv": "kv_idx", "b": "b", "h": "h"},
-                    {"q": "q_ok", "kv": "kv_ok"})
+                    {"q": "q_ok", "kv": "kv_ok"}, divisors={})
     score_code = _score_code(spec, tile)
     # Masked tiles always check the lengths; the spec's own mask joins in where it has one.
     mask = "kv_ok" if spec.spec.mask is None else f"({tile.expr(spec.spec.mask)}) & kv_ok"
     d_score = None if derivatives.identity else tile.floating(derivatives.d_score)
+    dq_body = _dq_body(score_code, mask, d_score, gradients, tile)
+    # Every expression of the loops is lowered by now: their divisors are known.
+    divisors = list(tile.divisors.values())
 
     fields = {
         "Q_TILE": _tile_order(work_trend(analysis.by_query, spec)),
@@ -82,14 +85,22 @@ def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivati
         "GRAD_ARGS": "".join(f"{a}, " for a in grad_args),
         "FWD_BOUNDS": _bounds_code(analysis.by_query, type_of, "q_idx_rows", "kv_len",
                                    "docs_exact_q", indent=4),
+        "DIVISORS": _prepare(divisors, indent=4),
         "FWD_BODY": _forward_body(score_code, mask),
-        "DQ_BODY": _dq_body(score_code, mask, d_score, gradients, tile),
+        "DQ_BODY": dq_body,
         "DKDV_LOOP": _dkdv_loop(analysis, type_of, _dkdv_body(score_code, mask, d_score),
-                                per_head=_mask_uses_head(spec)),
+                                divisors, per_head=_mask_uses_head(spec)),
     }
     template = resources.files("flexdsl.kernel").joinpath("templates/attention.py.in")
     text = string.Template(template.read_text()).substitute(fields)
     return KernelSource(text, params, tuple(tensors), gradients, tuple(no_specialize))
+
+
+def _prepare(divisors: list[Divisor], indent: int) -> str:
+    """The divisors' preparation, before a loop: once there, not at each use in a tile."""
+    if not divisors:
+        return " " * indent + "# no divisors fixed per program"
+    return textwrap.indent("\n".join(d.prepare for d in divisors), " " * indent)
 
 
 def _mask_uses_head(spec: CheckedSpec) -> bool:
@@ -114,18 +125,24 @@ do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
 """
 
 
-def _dkdv_loop(analysis: MaskAnalysis, type_of, body: str, per_head: bool) -> str:
+def _dkdv_loop(analysis: MaskAnalysis, type_of, body: str, divisors: list[Divisor],
+               per_head: bool) -> str:
     """The dk/dv pass's loop over (query head of the group, query tile). Where the mask does
     not name h, every head sees the same query range: one flat loop over both, since a loop
-    nested in the group loop kept more values live and spilled registers."""
+    nested in the group loop kept more values live and spilled registers. Divisors that
+    name h are prepared per head."""
+    fixed = [d for d in divisors if not d.per_head]
+    by_head = [d for d in divisors if d.per_head]
     if per_head:
         bounds = _bounds_code(analysis.by_key, type_of, "kv_idx_rows", "q_len", "docs_exact_k",
                               indent=8)
         return "\n".join([
+            _prepare(fixed, indent=4),
             "    for g in range(0, group):",
             "        h = kvh * group + g",
             bounds,
             textwrap.indent(_QUERY_RANGE + _HEAD_BASES, " " * 8).rstrip(),
+            *([_prepare(by_head, indent=8)] if by_head else []),
             "        for start_m in range(m_lo, m_hi, BLOCK_M):",
             textwrap.indent(body, " " * 12),
         ])
@@ -134,12 +151,14 @@ def _dkdv_loop(analysis: MaskAnalysis, type_of, body: str, per_head: bool) -> st
     return "\n".join([
         bounds,
         textwrap.indent(_QUERY_RANGE, " " * 4).rstrip(),
+        _prepare(fixed, indent=4),
         "    m_tiles = tl.maximum(tl.cdiv(m_hi - m_lo, BLOCK_M), 0)",
         "    for step in range(0, group * m_tiles):",
         "        g = step // m_tiles",
         "        start_m = m_lo + (step - g * m_tiles) * BLOCK_M",
         "        h = kvh * group + g",
         textwrap.indent(_HEAD_BASES, " " * 8).rstrip(),
+        *([_prepare(by_head, indent=8)] if by_head else []),
         textwrap.indent(body, " " * 8),
     ])
 
@@ -314,7 +333,8 @@ def _diagonal_gradient(g: TensorGradient, value: str, tile: Lowering) -> list[st
 
     Row i is rotated left by i (a gather), so that column j holds the positions with
     kv - q = j - BLOCK_N * w for the w-th wrap; a column sum per wrap gives each diagonal."""
-    diagonal = Lowering(tile.type_of, {"q": "diag_q", "kv": "diag_kv", "b": "b", "h": "h"})
+    diagonal = Lowering(tile.type_of, {"q": "diag_q", "kv": "diag_kv", "b": "b", "h": "h"},
+                        divisors=tile.divisors)
     pointer = _gradient_pointer(g, diagonal)
     return [
         f"g_vals = {value}",
