@@ -116,8 +116,7 @@ def main():
              "dkdv": "attention_backward_dkdv"}
     for text in args.config:
         kernel, numbers = text.split(":")
-        values = [int(x) for x in numbers.split(",")]
-        configs[names[kernel]].append(Config(*values[:4], tma=bool((values[4:] or [1])[0])))
+        configs[names[kernel]].append(Config.parse(numbers))
     head = 1 << (args.dim - 1).bit_length()
     target = GPUTarget("cuda", 90, 32)
     print(f"| kernel | config | regs | spills | shared KiB |")

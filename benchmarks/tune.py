@@ -23,11 +23,6 @@ DKDV = [Config(m, n, w, s) for m, n, w, s in itertools.product(
     (16, 32, 64), (64, 128), (4, 8), (2, 3, 4))]
 
 
-def _config(text: str) -> Config:
-    numbers = [int(x) for x in text.split(",")]
-    return Config(*numbers[:4], tma=bool(numbers[4]) if len(numbers) > 4 else True)
-
-
 def main():
     import triton
     parser = argparse.ArgumentParser()
@@ -38,14 +33,14 @@ def main():
     parser.add_argument("-p", "--param", action="append", default=[])
     parser.add_argument("--configs", default="",
                         help="only these, as m,n,warps,stages[,tma] separated by spaces "
-                             "(tma 0: pointer loads, 1: tensor descriptors, the default)")
+                             "(tma 1: tensor descriptors; 0, the default: pointer loads)")
     args = parser.parse_args()
     params = {k: int(v) for k, v in (p.split("=") for p in args.param)}
     batch, heads, length = map(int, args.shape.split("x"))
     q, k, v = (torch.randn(batch, heads, length, args.dim, device="cuda", dtype=torch.bfloat16,
                            requires_grad=True) for _ in range(3))
     grad = torch.randn_like(q)
-    only = [_config(c) for c in args.configs.split()]
+    only = [Config.parse(c) for c in args.configs.split()]
     for name, configs in (("forward", FORWARD), ("dq", DQ), ("dkdv", DKDV)):
         if name not in args.passes:
             continue

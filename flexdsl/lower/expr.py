@@ -5,7 +5,7 @@ The kernel templates define a fixed set of names the text may use: ``q_idx`` ([B
 ``score``, the parameters (``p_<name>``), and per tensor a pointer ``t_<name>``, its strides
 ``t_<name>_s<i>`` and sizes ``t_<name>_n<i>``. Python-semantics ``//`` and ``%`` (by a literal, by
 a per-program value, by a per-element value) and the transcendental functions are helpers the
-templates define (``_fdiv_p``, ``_fdiv_s``, ``_fdiv``, ``_tanh``...).
+templates define (``_fdiv_prepared``, ``_fdiv_s``, ``_fdiv``, ``_tanh``...).
 """
 from __future__ import annotations
 
@@ -36,11 +36,13 @@ class Divisor:
     per_head: bool
 
     @property
-    def prepare(self) -> str:
-        return f"{self.args} = _divisor({self.text})"
+    def preparation(self) -> str:
+        """The line that prepares it."""
+        return f"{self.prepared} = _divisor({self.text})"
 
     @property
-    def args(self) -> str:
+    def prepared(self) -> str:
+        """The names of its prepared parts, as the ``_fdiv_prepared`` helpers take them."""
         return ", ".join(f"{self.name}_{part}" for part in ("b", "neg", "d", "bits", "magic"))
 
 
@@ -129,7 +131,7 @@ class Lowering:
                 # A literal stays with the plain helper: the compiler divides by a constant.
                 if self.divisors is None:
                     return f"{helper}_s({left}, {right})"
-                return f"{helper}_p({left}, {self._divisor(node.right, right).args})"
+                return f"{helper}_prepared({left}, {self._divisor(node.right, right).prepared})"
             return f"{helper}({left}, {right})"
         if op == "**":
             exponent = node.right

@@ -89,7 +89,8 @@ def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivati
         "FWD_BODY": _forward_body(score_code, mask),
         "DQ_BODY": dq_body,
         "DKDV_LOOP": _dkdv_loop(analysis, type_of, _dkdv_body(score_code, mask, d_score),
-                                divisors, per_head=_mask_uses_head(spec)),
+                                divisors, per_head=_mask_uses_head(spec)
+                                or any(d.per_head for d in divisors)),
     }
     template = resources.files("flexdsl.kernel").joinpath("templates/attention.py.in")
     text = string.Template(template.read_text()).substitute(fields)
@@ -100,7 +101,7 @@ def _prepare(divisors: list[Divisor], indent: int) -> str:
     """The divisors' preparation, before a loop: once there, not at each use in a tile."""
     if not divisors:
         return " " * indent + "# no divisors fixed per program"
-    return textwrap.indent("\n".join(d.prepare for d in divisors), " " * indent)
+    return textwrap.indent("\n".join(d.preparation for d in divisors), " " * indent)
 
 
 def _mask_uses_head(spec: CheckedSpec) -> bool:
@@ -127,10 +128,10 @@ do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
 
 def _dkdv_loop(analysis: MaskAnalysis, type_of, body: str, divisors: list[Divisor],
                per_head: bool) -> str:
-    """The dk/dv pass's loop over (query head of the group, query tile). Where the mask does
-    not name h, every head sees the same query range: one flat loop over both, since a loop
-    nested in the group loop kept more values live and spilled registers. Divisors that
-    name h are prepared per head."""
+    """The dk/dv pass's loop over (query head of the group, query tile). Where neither the
+    mask nor a divisor names h, every head sees the same query range and divisors: one flat
+    loop over both, since a loop nested in the group loop kept more values live and spilled
+    registers. Otherwise the loops stay nested, with h's divisors prepared once per head."""
     fixed = [d for d in divisors if not d.per_head]
     by_head = [d for d in divisors if d.per_head]
     if per_head:
@@ -146,6 +147,7 @@ def _dkdv_loop(analysis: MaskAnalysis, type_of, body: str, divisors: list[Diviso
             "        for start_m in range(m_lo, m_hi, BLOCK_M):",
             textwrap.indent(body, " " * 12),
         ])
+    assert not by_head, "divisors that name h need the nested loops"
     bounds = _bounds_code(analysis.by_key, type_of, "kv_idx_rows", "q_len", "docs_exact_k",
                           indent=4)
     return "\n".join([
@@ -158,7 +160,6 @@ def _dkdv_loop(analysis: MaskAnalysis, type_of, body: str, divisors: list[Diviso
         "        start_m = m_lo + (step - g * m_tiles) * BLOCK_M",
         "        h = kvh * group + g",
         textwrap.indent(_HEAD_BASES, " " * 8).rstrip(),
-        *([_prepare(by_head, indent=8)] if by_head else []),
         textwrap.indent(body, " " * 8),
     ])
 
