@@ -146,6 +146,11 @@ def walk(node: Expr) -> Iterator[Expr]:
         yield from walk(child)
 
 
+def names(*nodes: Expr) -> set[str]:
+    """The names (positions, lengths, parameters, score) that ``nodes`` use."""
+    return {n.id for node in nodes for n in walk(node) if isinstance(n, Name)}
+
+
 # ----------------------------------------------------------------------------------------------
 # unparse: the normalised text of a node, with the fewest parentheses that keep its structure.
 

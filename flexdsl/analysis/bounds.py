@@ -318,7 +318,7 @@ class _Solver:
         return not difference.has(self.symbols[self.col])
 
     def mentions(self, node: ir.Expr, name: str) -> bool:
-        return any(isinstance(n, ir.Name) and n.id == name for n in ir.walk(node))
+        return name in ir.names(node)
 
     def lookup_mentions(self, node: ir.Expr, name: str) -> bool:
         return any(isinstance(n, ir.Lookup) and self.mentions(n, name) for n in ir.walk(node))

@@ -62,7 +62,7 @@ def score_derivatives(spec: CheckedSpec) -> ScoreDerivatives:
 def _through_difference(lookup: ir.Lookup, symbols: Symbols) -> bool:
     """Whether every index of ``lookup`` depends on q and kv, if at all, only through q - kv."""
     positions = {"q", "kv"}
-    uses = {n.id for i in lookup.indices for n in ir.walk(i) if isinstance(n, ir.Name)}
+    uses = ir.names(*lookup.indices)
     if not positions <= uses:
         return False
     if any(isinstance(n, ir.Lookup) for i in lookup.indices for n in ir.walk(i)):

@@ -264,12 +264,12 @@ def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, g
         dq.zero_(), dk.zero_(), dv.zero_()
         return dq, dk, dv, grads
     dq_tma = tma_ready((k, v), head_dim, dq_config)
-    dkdv_tma = tma_ready((q, grad_out), head_dim, dkdv_config)
-    if not dkdv_tma and tma_ready((q,), head_dim, dkdv_config):
+    dkdv_tma = tma_ready((q,), head_dim, dkdv_config)
+    if dkdv_tma and not tma_ready((grad_out,), head_dim, dkdv_config):
         # A gradient from .sum() is one value broadcast (stride 0): copy it once so that the
         # dk/dv loop reads it through the copy engine.
         grad_out = grad_out.contiguous()
-        dkdv_tma = tma_ready((q, grad_out), head_dim, dkdv_config)
+        dkdv_tma = tma_ready((grad_out,), head_dim, dkdv_config)
     if dq_tma or dkdv_tma:
         _ensure_allocator()
     lse = lse.contiguous()

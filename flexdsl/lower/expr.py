@@ -103,8 +103,7 @@ class Lowering:
 
     def _divisor(self, node: ir.Expr, text: str) -> Divisor:
         if text not in self.divisors:
-            per_head = any(isinstance(n, ir.Name) and n.id == "h" for n in ir.walk(node))
-            self.divisors[text] = Divisor(f"div{len(self.divisors)}", text, per_head)
+            self.divisors[text] = Divisor(f"div{len(self.divisors)}", text, "h" in ir.names(node))
         return self.divisors[text]
 
     def _Unary(self, node: ir.Unary) -> str:
@@ -185,9 +184,8 @@ class Lowering:
 def _uniform(node: ir.Expr) -> bool:
     """Whether ``node`` is one value for a whole program: free of positions within the tile
     and of the score (b and h are fixed per program; lookups of them are single loads)."""
-    return not any(isinstance(n, ir.Name) and n.id in ("q", "kv", ir.SCORE)
-                   for n in ir.walk(node))
+    return not ir.names(node) & {"q", "kv", ir.SCORE}
 
 
 def _positions(node: ir.Expr) -> set[str]:
-    return {n.id for n in ir.walk(node) if isinstance(n, ir.Name) and n.id in ir.POSITIONS}
+    return ir.names(node) & set(ir.POSITIONS)

@@ -106,7 +106,7 @@ def _prepare(divisors: list[Divisor], indent: int) -> str:
 
 def _mask_uses_head(spec: CheckedSpec) -> bool:
     mask = spec.spec.mask
-    return mask is not None and any(isinstance(n, ir.Name) and n.id == "h" for n in ir.walk(mask))
+    return mask is not None and "h" in ir.names(mask)
 
 
 _QUERY_RANGE = """\
@@ -307,7 +307,7 @@ def _gradient_code(g: TensorGradient, tile: Lowering, valid: str) -> list[str]:
     """Accumulate ds * d(score expression)/d T[i...] into T's gradient, reduced where the index
     does not vary so that atomics stay few."""
     name = g.tensor
-    uses = {n.id for i in g.lookup.indices for n in ir.walk(i) if isinstance(n, ir.Name)}
+    uses = ir.names(*g.lookup.indices)
     value = f"tl.where({valid}, ds * ({tile.floating(g.derivative)}), 0.0)"
     if g.relative:
         return _diagonal_gradient(g, value, tile)
