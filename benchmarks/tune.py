@@ -1,6 +1,7 @@
 """Sweep tile configurations for each kernel of a spec on the GPU; prints the best per pass.
 
     python benchmarks/tune.py --spec "where q >= kv" --shape 2x16x4096 --dim 128
+    python benchmarks/tune.py --case alibi_documents_causal --passes dkdv   # bench.py's inputs
 """
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import flexdsl  # noqa: E402
 from flexdsl.kernel.launch import Config  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))
+from bench import CASES  # noqa: E402
+
 FORWARD = [Config(m, n, w, s) for m, n, w, s in itertools.product(
     (64, 128), (32, 64, 128), (4, 8), (2, 3, 4)) if not (m == 64 and w == 8)]
 DQ = [Config(m, n, w, s) for m, n, w, s in itertools.product(
@@ -27,6 +31,7 @@ def main():
     import triton
     parser = argparse.ArgumentParser()
     parser.add_argument("--spec", default="where q >= kv")
+    parser.add_argument("--case", help="a case of bench.py: its spec, parameters and tensors")
     parser.add_argument("--shape", default="2x16x4096")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--passes", default="forward,dq,dkdv")
@@ -37,6 +42,12 @@ def main():
     args = parser.parse_args()
     params = {k: int(v) for k, v in (p.split("=") for p in args.param)}
     batch, heads, length = map(int, args.shape.split("x"))
+    tensors = {}
+    if args.case:
+        case = next(c for c in CASES if c.name == args.case)
+        args.spec, params = case.spec, {**case.params(length), **params}
+        if case.tensors:
+            tensors = case.tensors(batch, heads, length, "cuda", torch.Generator().manual_seed(0))
     q, k, v = (torch.randn(batch, heads, length, args.dim, device="cuda", dtype=torch.bfloat16,
                            requires_grad=True) for _ in range(3))
     grad = torch.randn_like(q)
@@ -51,9 +62,10 @@ def main():
             attn = flexdsl.compile(args.spec, options=options, **params)
             try:
                 if name == "forward":
-                    ms = triton.testing.do_bench(lambda: attn(q, k, v), return_mode="median")
+                    ms = triton.testing.do_bench(lambda: attn(q, k, v, **tensors),
+                                                 return_mode="median")
                 else:
-                    out = attn(q, k, v)
+                    out = attn(q, k, v, **tensors)
                     ms = triton.testing.do_bench(
                         lambda: torch.autograd.grad(out, [q, k, v], grad, retain_graph=True),
                         return_mode="median")
