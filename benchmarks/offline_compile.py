@@ -109,7 +109,7 @@ def main():
     fast_tanh = args.dtype != "fp32"
     kernels = kernel_compile.compiled(attn.spec, attn.analysis, attn.derivatives,
                                       fast_tanh=fast_tanh)
-    defaults = default_configs(args.dim, torch_dtype)
+    defaults = default_configs(args.dim, torch_dtype, kernels.traits)
     configs = {"attention_forward": [defaults.forward], "attention_backward_dq": [defaults.dq],
                "attention_backward_dkdv": [defaults.dkdv]}
     names = {"forward": "attention_forward", "dq": "attention_backward_dq",
@@ -130,6 +130,7 @@ def main():
                 constants["POS_SCALE"] = True
             if kernel_name == "attention_backward_dq":
                 constants["TENSOR_GRADS"] = True
+                constants["HAS_DLSE"] = False
             src = source_for(fn, kernels.source, args.dtype, constants)
             compiled = triton.compile(src, target=target, options=dict(
                 num_warps=config.num_warps, num_stages=config.num_stages))

@@ -127,6 +127,30 @@ def test_descriptors_only_where_the_copy_engine_can_read():
     assert tma_ready((x.transpose(1, 2).contiguous().transpose(1, 2),), 16, config)
 
 
+def test_default_tiles_follow_the_kind_of_spec():
+    # The GPU defaults (benchmarks/tune.py): windows take narrower forward and dq tiles,
+    # documents no descriptors in the forward, a soft-capped score 32-query dk/dv steps, and
+    # at D=64 masks that divide positions keep 64-query steps.
+    from flexdsl.kernel.launch import _gpu_configs
+
+    def configs(text, head_dim):
+        attn = flexdsl.compile(text)
+        traits = kernel_compile.KernelTraits.of(attn.spec, attn.analysis, attn.derivatives)
+        return _gpu_configs(head_dim, False, traits)
+
+    causal = configs("where q >= kv", 128)
+    assert (causal.forward.block_m, causal.forward.tma, causal.dq.block_m) == (128, True, 128)
+    assert causal.dkdv.block_m == 64
+    window = configs("where 0 <= q - kv < W", 128)
+    assert (window.forward.block_m, window.dq.block_m) == (64, 64)
+    documents = configs("where doc[q] == doc[kv] and q >= kv", 128)
+    assert (documents.forward.tma, documents.dq.block_m) == (False, 64)
+    assert configs("cap * tanh(score / cap) where q >= kv", 128).dkdv.block_m == 32
+    assert configs("where q >= kv", 64).dkdv == Config(32, 64, 4, 2, tma=True)
+    assert configs("where abs(q // X - kv // X) <= R and abs(q % X - kv % X) <= R",
+                   64).dkdv == Config(64, 64, 4, 2)
+
+
 def test_fully_masked_rows_give_zero_and_minus_inf():
     # Rows q < kv_len - q_len keep nothing under bottom-right causal with Sq > Skv.
     attn = flexdsl.compile("where q + kv_len - q_len >= kv", options=TRITON)
@@ -230,6 +254,52 @@ def test_lse_gradient():
     ref_out, ref_lse = attn.reference(q64, k64, v64)
     (rq,) = torch.autograd.grad(ref_out.sum() + ref_lse.sum(), [q64])
     torch.testing.assert_close(gq.double(), rq, atol=1e-4, rtol=0)
+    # Only lse used: out's gradient comes as None and counts as zeros.
+    (gq,) = torch.autograd.grad(attn(q, k, v, return_lse=True)[1].sum(), [q])
+    (rq,) = torch.autograd.grad(attn.reference(q64, k64, v64)[1].sum(), [q64])
+    torch.testing.assert_close(gq.double(), rq, atol=1e-4, rtol=0)
+
+
+def test_row_table_gradients_with_an_lse_gradient():
+    # Tables indexed without kv (slope[h], bq[q]) finish their sums per query row in the dq
+    # pass with the row's own delta; a gradient on lse shifts that delta.
+    attn = flexdsl.compile("score + slope[h] * (kv - q) + bq[q] where q >= kv and q - kv < 23",
+                           options=TRITON)
+    gen = torch.Generator().manual_seed(17)
+    q, k, v = (torch.randn(2, 3, 41, 16, generator=gen) for _ in range(3))
+    tensors = {"slope": torch.rand(3, generator=gen), "bq": torch.randn(41, generator=gen)}
+    g_out, g_lse = torch.randn(2, 3, 41, 16, generator=gen), torch.randn(2, 3, 41, generator=gen)
+    for lse_weight in (0.0, 1.0):
+        grads = []
+        for run, dtype in ((attn, torch.float32), (attn.reference, torch.float64)):
+            inputs = [t.to(dtype).requires_grad_() for t in (q, k, v, *tensors.values())]
+            out, lse = run(*inputs[:3], **dict(zip(tensors, inputs[3:])), **(
+                {"return_lse": True} if run is attn else {}))
+            loss = (out * g_out.to(dtype)).sum() + lse_weight * (lse * g_lse.to(dtype)).sum()
+            grads.append(torch.autograd.grad(loss, inputs))
+        for got, want in zip(*grads):
+            scale = max(1.0, want.abs().max().item())
+            torch.testing.assert_close(got.double() / scale, want / scale, atol=1e-5, rtol=0)
+
+
+def test_slope_gradient_is_not_hurt_by_the_rounded_output():
+    # delta = rowsum(O * dO) from a bf16 O is off by O's rounding, and a slope's gradient
+    # weighs each row's error by the distance q - kv: 1% of the gradient at 300 tokens.
+    # The dq pass's own sum(P * dP) leaves only fp32 rounding.
+    attn = flexdsl.compile("score + slope[h] * (kv - q) where q >= kv", options=TRITON)
+    gen = torch.Generator().manual_seed(19)
+    q, k, v, g_out = (torch.randn(1, 2, 300, 32, generator=gen).to(torch.bfloat16)
+                      for _ in range(4))
+    slope = torch.tensor([2.0 ** -1, 2.0 ** -6])
+    grads = []
+    for run, dtype in ((attn, torch.bfloat16), (attn.reference, torch.float64)):
+        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        s = slope.to(torch.float32 if dtype == torch.bfloat16 else dtype).requires_grad_()
+        out = run(*inputs, slope=s)
+        out = out[0] if isinstance(out, tuple) else out
+        grads.append(torch.autograd.grad(out, [s], g_out.to(out.dtype))[0])
+    got, want = grads
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 def test_new_lengths_and_parameters_never_render_again():

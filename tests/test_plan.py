@@ -168,3 +168,21 @@ def test_work_trend_orders_heavy_tiles_first():
         analysis = MaskAnalysis.of(spec)
         assert work_trend(analysis.by_query, spec) == by_query, text
         assert work_trend(analysis.by_key, spec) == by_key, text
+
+
+def test_banded_masks_are_windows_that_slide_with_the_row():
+    # Their default tiles are narrower: a window's ragged edges waste less in them.
+    from flexdsl.analysis.bounds import banded
+    from flexdsl.analysis.plan import MaskAnalysis
+    cases = {"where 0 <= q - kv < W": True, "where abs(q - kv) <= W and (q - kv) % D == 0": True,
+             "where abs(q // X - kv // X) <= R and abs(q % X - kv % X) <= R": True,
+             "where q >= kv": False, "where kv < P or q >= kv": False, "score": False,
+             "where doc[q] == doc[kv] and q >= kv": False,
+             "where abs(q - kv) <= W or kv < 4": False,
+             "where kv <= q and kv >= q // 2": False,   # a window that widens
+             "where q >= kv and q - kv < W": True}
+    for text, expected in cases.items():
+        spec = flexdsl.check(text)
+        analysis = MaskAnalysis.of(spec)
+        assert banded(analysis.by_query, spec) == expected, text
+        assert banded(analysis.by_key, spec) == expected, text

@@ -396,9 +396,25 @@ def work_trend(solved: Solved, spec: CheckedSpec) -> int:
     or unknown. Kernels start the heavy row tiles first so that the last wave is short.
 
     Each conjunction adds the slope of its tightest upper bound minus that of its tightest
-    lower bound, slopes read from the bounds with ``row // C`` taken as ``row / C``; bounds with
-    lookups or parameters in their slope count as flat.
+    lower bound (see ``_slopes``).
     """
+    total = sum(upper - lower for lower, upper in _slopes(solved, spec))
+    return (total > 0) - (total < 0)
+
+
+def banded(solved: Solved, spec: CheckedSpec) -> bool:
+    """Whether every row keeps a window of one width that slides with it (sliding windows,
+    dilated and neighbourhood masks): each conjunction's tightest lower and upper bounds rise
+    with the row at the same rate. Such masks waste less work at the window's edges in
+    narrower row tiles."""
+    slopes = _slopes(solved, spec)
+    return bool(slopes) and all(lower == upper > 0 for lower, upper in slopes)
+
+
+def _slopes(solved: Solved, spec: CheckedSpec) -> list[tuple[float, float]]:
+    """Per conjunction, the slopes along the row of its tightest lower and upper bounds (0
+    where there is none), read with ``row // C`` taken as ``row / C``; bounds with lookups or
+    parameters in their slope count as flat."""
     symbols = Symbols(spec)
     row = symbols[solved.row]
 
@@ -409,12 +425,8 @@ def work_trend(solved: Solved, spec: CheckedSpec) -> int:
         value = sympy.diff(expr, row)
         return float(value) if value.is_number else 0.0
 
-    total = 0.0
-    for c in solved.conjunctions:
-        upper = min((slope(b) for b in c.upper), default=0.0)
-        lower = max((slope(b) for b in c.lower), default=0.0)
-        total += upper - lower
-    return (total > 0) - (total < 0)
+    return [(max((slope(b) for b in c.lower), default=0.0),
+             min((slope(b) for b in c.upper), default=0.0)) for c in solved.conjunctions]
 
 
 def _sign(factor, positive: set[str]) -> int | None:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from .. import ir
+from ..analysis.bounds import banded
 from ..analysis.derivatives import ScoreDerivatives
 from ..analysis.plan import MaskAnalysis
 from ..check import CheckedSpec
@@ -23,10 +25,29 @@ from ..lower import KernelSource, render
 
 
 @dataclass(frozen=True)
+class KernelTraits:
+    """What kind of work a spec's kernels do: it picks their default tiles (launch.py)."""
+    banded: bool = False           # every row keeps a window that slides with it
+    documents: bool = False        # key ranges come from run tensors: short, uneven loops
+    divides: bool = False          # the mask divides positions (// or %)
+    nonlinear_score: bool = False  # dS needs d score_expr / d score: one more tile live
+
+    @classmethod
+    def of(cls, spec: CheckedSpec, analysis: MaskAnalysis,
+           derivatives: ScoreDerivatives) -> "KernelTraits":
+        mask = spec.spec.mask
+        divides = mask is not None and any(isinstance(n, ir.Binary) and n.op in ("//", "%")
+                                           for n in ir.walk(mask))
+        return cls(banded=banded(analysis.by_query, spec), documents=analysis.has_documents,
+                   divides=divides, nonlinear_score=not derivatives.identity)
+
+
+@dataclass(frozen=True)
 class CompiledSpec:
     """The kernels of one spec and what their arguments mean."""
     source: KernelSource
     module: ModuleType
+    traits: KernelTraits = KernelTraits()
 
 
 _modules: dict[tuple, CompiledSpec] = {}
@@ -73,6 +94,6 @@ def compiled(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDeriva
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    result = CompiledSpec(source, module)
+    result = CompiledSpec(source, module, KernelTraits.of(spec, analysis, derivatives))
     _modules[key] = result
     return result

@@ -9,7 +9,7 @@ import torch
 
 from ..analysis.plan import MaskAnalysis, check_positive, document_tensors
 from . import direct
-from .compile import CompiledSpec, interpreting
+from .compile import CompiledSpec, KernelTraits, interpreting
 
 
 @dataclass(frozen=True)
@@ -37,33 +37,49 @@ class Configs:
     dkdv: Config
 
 
-def default_configs(head_dim: int, dtype: torch.dtype) -> Configs:
-    """Tile configurations by head dim; small tiles under the interpreter (tests)."""
-    return _default_configs(head_dim, dtype, interpreting())
+def default_configs(head_dim: int, dtype: torch.dtype,
+                    traits: KernelTraits = KernelTraits()) -> Configs:
+    """Tile configurations by head dim and kind of spec; small tiles under the interpreter
+    (tests)."""
+    return _default_configs(head_dim, dtype, traits, interpreting())
 
 
 @functools.lru_cache(maxsize=None)
-def _default_configs(head_dim: int, dtype: torch.dtype, interpret: bool) -> Configs:
+def _default_configs(head_dim: int, dtype: torch.dtype, traits: KernelTraits,
+                     interpret: bool) -> Configs:
     if interpret:
         # Descriptors on, so that the CPU tests run the path the GPU takes where it can.
         small = Config(16, 16, 1, 1, tma=True)
         return Configs(small, small, small)
-    return _gpu_configs(head_dim, dtype == torch.float32)
+    return _gpu_configs(head_dim, dtype == torch.float32, traits)
 
 
-def _gpu_configs(head_dim: int, wide: bool) -> Configs:
-    # From benchmarks/tune.py on an H200 (bf16, B=2 H=16 S=4096, causal), each pass with and
-    # without descriptors. They paid off in the dk/dv pass at D=128 only (the whole backward
-    # 1.142 ms against 1.190); elsewhere they timed the same or slower, and they cost a short
-    # call some 35 us. (A 128x128 forward tile with descriptors timed 0.320 ms against 0.350
-    # at D=128, but the ALiBi slope gradient at S=4096 then missed its GPU test's bound.)
-    if head_dim <= 64:
+def _gpu_configs(head_dim: int, wide: bool, traits: KernelTraits) -> Configs:
+    # From benchmarks/tune.py on an H200 (bf16, B=2 H=16 S=4096, each benchmark case, the
+    # whole backward timed per dq or dk/dv tile). What the kinds of spec asked for:
+    # - sliding windows (banded): 64-row forward and dq tiles, the window's ragged edges
+    #   cost less in narrower tiles (D=128 forward 0.19 -> 0.17 ms sliding, 0.29 -> 0.24
+    #   dilated, 0.17 -> 0.14 neighbourhood);
+    # - descriptors (the copy engine) pay in long loops (full forward 0.60 -> 0.56 ms) but
+    #   cost each program their setup, which short document loops feel (0.165 -> 0.196);
+    # - the dk/dv loop of a non-linear score (soft-capping) keeps one more [64, 64] value
+    #   live and runs faster with 32-query steps (backward 1.65 -> 1.50 ms); at D=64 these
+    #   steps help every spec but those that divide positions (neighbourhood 0.52 -> 0.69).
+    if head_dim <= 64 and wide:
         return Configs(Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(64, 64, 4, 2))
+    if head_dim <= 64:
+        return Configs(Config(128, 64, 8, 3),
+                       Config(64, 64, 4, 2 if traits.banded else 3),
+                       Config(64, 64, 4, 2) if traits.divides else Config(32, 64, 4, 2, tma=True))
+    if head_dim <= 128 and not wide:
+        sparse = traits.banded or traits.documents
+        return Configs(
+            Config(64, 64, 4, 3) if traits.banded else Config(128, 64, 8, 3,
+                                                               tma=not traits.documents),
+            Config(64, 64, 4, 2) if sparse else Config(128, 64, 8, 3),
+            Config(32 if traits.nonlinear_score else 64, 64, 4, 2, tma=True))
     if head_dim <= 128:
-        if wide:
-            return Configs(Config(64, 32, 4, 2), Config(64, 32, 4, 2), Config(32, 64, 4, 2))
-        return Configs(Config(128, 64, 8, 3), Config(128, 64, 8, 3),
-                       Config(64, 64, 4, 2, tma=True))
+        return Configs(Config(64, 32, 4, 2), Config(64, 32, 4, 2), Config(32, 64, 4, 2))
     return Configs(Config(64, 32, 4, 2), Config(64, 16, 4, 2), Config(16, 64, 4, 2))
 
 
@@ -226,7 +242,7 @@ def forward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, call: Call,
             config: Config | None = None):
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
-    config = config or default_configs(head_dim, q.dtype).forward
+    config = config or default_configs(head_dim, q.dtype, kernels.traits).forward
     out = torch.empty(batch, heads, q_len, head_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=q.device)
     if q_len == 0:
@@ -252,7 +268,7 @@ def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, g
     ``tensor_grads``: a table that needs no gradient costs no reduction or atomics)."""
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
-    defaults = default_configs(head_dim, q.dtype)
+    defaults = default_configs(head_dim, q.dtype, kernels.traits)
     dq_config = configs.dq if configs and configs.dq else defaults.dq
     dkdv_config = configs.dkdv if configs and configs.dkdv else defaults.dkdv
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -294,11 +310,15 @@ def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, g
     common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
 
     constants = dict(D=head_dim, HEAD_DIM=head_dim_padded(head_dim), **_flags(q))
+    # The dq pass reads the lse gradient only to finish per-row table gradients.
+    dq_dlse = has_dlse and tensor_grads and kernels.source.row_gradients
     run_fitted(kernels.module.attention_backward_dq,
                (triton_cdiv(q_len, dq_config.block_m), batch * heads),
-               (q, k, v, grad_out, lse2, delta, dq, *common, *dq.stride(),
+               (q, k, v, grad_out, lse2, delta, dlse.contiguous() if dq_dlse else lse, dq,
+                *common, *dq.stride(),
                 q_len, kv_len, heads, heads // kv_heads, call.scale, exact_q, *args, *grad_args),
-               dq_config, "block_n", TENSOR_GRADS=tensor_grads, TMA=dq_tma, **constants)
+               dq_config, "block_n", TENSOR_GRADS=tensor_grads, TMA=dq_tma, HAS_DLSE=dq_dlse,
+               **constants)
     run_fitted(kernels.module.attention_backward_dkdv,
                (triton_cdiv(kv_len, dkdv_config.block_n), batch * kv_heads),
                (q, k, v, grad_out, lse2, delta, dk, dv, *common, *dk.stride(), *dv.stride(),

@@ -116,6 +116,8 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key, scale, params, *tensors):
         out, lse = registry[key].forward(q, k, v, scale, params, tensors)
+        # An unused output's gradient comes as None, not as zeros to allocate, fill and read.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, out, lse, *tensors)
         ctx.key, ctx.scale, ctx.params = key, scale, params
         return out, lse
@@ -123,6 +125,8 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, *tensors = ctx.saved_tensors
+        if grad_out is None:   # only lse was used
+            grad_out = torch.zeros_like(out)
         entry = registry[ctx.key]
         wanted = {name for name, needs in zip(entry.tensors, ctx.needs_input_grad[6:]) if needs}
         dq, dk, dv, grads = entry.backward(q, k, v, out, lse, grad_out, grad_lse, ctx.scale,

@@ -38,6 +38,12 @@ class KernelSource:
     gradients: tuple[TensorGradient, ...]   # float tensors that receive gradients
     no_specialize: tuple[str, ...]          # runtime values Triton must not compile for
 
+    @property
+    def row_gradients(self) -> bool:
+        """Whether the dq pass finishes a table's gradient per query row (it then reads the
+        lse gradient, when there is one)."""
+        return bool(_row_gradients(self.gradients))
+
 
 def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivatives, *,
            fast_tanh: bool) -> KernelSource:
@@ -72,6 +78,7 @@ def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivati
     mask = "kv_ok" if spec.spec.mask is None else f"({tile.expr(spec.spec.mask)}) & kv_ok"
     d_score = None if derivatives.identity else tile.floating(derivatives.d_score)
     dq_body = _dq_body(score_code, mask, d_score, gradients, tile)
+    dq_gradients_init, dq_gradients_final = _row_gradient_code(gradients, tile)
     # Every expression of the loops is lowered by now: their divisors are known.
     divisors = list(tile.divisors.values())
 
@@ -88,6 +95,8 @@ def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivati
         "DIVISORS": _prepare(divisors, indent=4),
         "FWD_BODY": _forward_body(score_code, mask),
         "DQ_BODY": dq_body,
+        "DQ_GRADIENTS_INIT": dq_gradients_init,
+        "DQ_GRADIENTS_FINAL": dq_gradients_final,
         "DKDV_LOOP": _dkdv_loop(analysis, type_of, _dkdv_body(score_code, mask, d_score),
                                 divisors, per_head=_mask_uses_head(spec)
                                 or any(d.per_head for d in divisors)),
@@ -383,8 +392,16 @@ def _dq_body(score_code, mask, d_score, gradients, tile: Lowering) -> str:
     gradient_lines = []
     if gradients:
         body = ["g_valid = q_ok & kv_ok", "if masked:", f"    g_valid = g_valid & ({mask})"]
-        for g in gradients:
-            body += _gradient_code(g, tile, "g_valid")
+        rows = _row_gradients(gradients)
+        if rows:
+            body.append("g_pdp += tl.sum(tl.where(g_valid, p * dp, 0.0), 1)")
+        for i, g in enumerate(gradients):
+            if g in rows:
+                body += [f"g_w = tl.where(g_valid, p * ({tile.floating(g.derivative)}), 0.0)",
+                         f"g{i}_pw += tl.sum(g_w, 1)",
+                         f"g{i}_pdpw += tl.sum(g_w * dp, 1)"]
+            else:
+                body += _gradient_code(g, tile, "g_valid")
         gradient_lines = ["if TENSOR_GRADS:", *("    " + line for line in body)]
     lines = [
         *_key_tile("v = tl.load(v_base + kv_idx * svn + offs_d[:, None] * svd, "
@@ -396,6 +413,45 @@ def _dq_body(score_code, mask, d_score, gradients, tile: Lowering) -> str:
         f"dq = {_dot('dscore.to(k.dtype)', 'tl.trans(k)', 'dq')}",
     ]
     return textwrap.indent("\n".join(lines), " " * 8)
+
+
+def _row_gradients(gradients) -> list[TensorGradient]:
+    """The gradients whose index does not name kv (``slope[h]``, ``bias[q]``): a query row's
+    whole sum lands in one place, so the dq pass finishes it per row with delta taken from
+    its own P and dP (``_row_gradient_code``)."""
+    return [g for g in gradients if not g.relative and "kv" not in ir.names(*g.lookup.indices)]
+
+
+def _row_gradient_code(gradients, tile: Lowering) -> tuple[str, str]:
+    """Accumulators before the dq loop and the atomics after it, for ``_row_gradients``.
+
+    A row's gradient is sum(ds * w) = sum(p * dp * w) - delta * sum(p * w). The loop gathers
+    both sums and sum(p * dp), which is the row's exact delta, where the prepared one,
+    rowsum(O * dO), carries the rounding of the 16-bit output O. For a table like ALiBi's
+    slopes, w grows with the distance q - kv, and that rounding would reach the gradient
+    multiplied by it."""
+    rows = _row_gradients(gradients)
+    if not rows:
+        return "    # no per-row tensor gradients", "    # no per-row tensor gradients"
+    init = ["g_pdp = tl.zeros([BLOCK_M], dtype=tl.float32)"]
+    final = ["if TENSOR_GRADS:",
+             "    g_delta = g_pdp",
+             "    if HAS_DLSE:",
+             "        g_delta -= tl.load(DLSE + off_bh.to(tl.int64) * q_len + q_rows, "
+             "mask=row_ok, other=0.0).to(tl.float32)"]
+    for i, g in enumerate(gradients):
+        if g not in rows:
+            continue
+        init += [f"g{i}_pw = tl.zeros([BLOCK_M], dtype=tl.float32)",
+                 f"g{i}_pdpw = tl.zeros([BLOCK_M], dtype=tl.float32)"]
+        final.append(f"    g_rows = tl.where(row_ok, g{i}_pdpw - g_delta * g{i}_pw, 0.0)")
+        pointer = _gradient_pointer(g, tile)
+        if "q" in ir.names(*g.lookup.indices):
+            final.append(f"    tl.atomic_add({pointer}, g_rows[:, None], mask=q_ok)")
+        else:
+            final.append(f"    tl.atomic_add({pointer}, tl.sum(g_rows, 0))")
+    return (textwrap.indent("\n".join(init), " " * 4),
+            textwrap.indent("\n".join(final), " " * 4))
 
 
 def _dkdv_body(score_code, mask, d_score) -> str:
