@@ -90,6 +90,7 @@ def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivati
         "NO_SPECIALIZE": ", ".join(repr(a) for a in no_specialize),
         "ARGS": "".join(f"{a}, " for a in args),
         "GRAD_ARGS": "".join(f"{a}, " for a in grad_args),
+        "KEY_RANGE": textwrap.indent(_tile_range("n", "BLOCK_N", "kv_len"), " " * 4).rstrip(),
         "FWD_BOUNDS": _bounds_code(analysis.by_query, type_of, "q_idx_rows", "kv_len",
                                    "docs_exact_q", indent=4),
         "DIVISORS": _prepare(divisors, indent=4),
@@ -118,15 +119,23 @@ def _mask_uses_head(spec: CheckedSpec) -> bool:
     return mask is not None and "h" in ir.names(mask)
 
 
-_QUERY_RANGE = """\
-m_lo = (span_lo // BLOCK_M) * BLOCK_M
-m_hi = span_hi + 1
-f_start = ((full_lo + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
-f_stop = tl.minimum(((full_hi + 1) // BLOCK_M) * BLOCK_M, (q_len // BLOCK_M) * BLOCK_M)
-has_full = (full_lo <= full_hi) & (f_start < f_stop)
-f_start = tl.where(has_full, f_start, m_lo)
-f_stop = tl.where(has_full, f_stop, m_lo)
-"""
+def _tile_range(first: str, block: str, length: str) -> str:
+    """The hull [span_lo, span_hi] and the full range [full_lo, full_hi], in positions, as
+    tile starts: the loop runs from ``{first}_lo`` to ``{first}_hi`` by ``block``, and only
+    tiles outside [f_start, f_stop) apply the mask. The forward and dq passes step over keys,
+    the dk/dv pass over queries."""
+    return textwrap.dedent(f"""\
+        {first}_lo = (span_lo // {block}) * {block}
+        {first}_hi = span_hi + 1
+        f_start = ((full_lo + {block} - 1) // {block}) * {block}
+        f_stop = tl.minimum(((full_hi + 1) // {block}) * {block}, ({length} // {block}) * {block})
+        has_full = (full_lo <= full_hi) & (f_start < f_stop)
+        f_start = tl.where(has_full, f_start, {first}_lo)
+        f_stop = tl.where(has_full, f_stop, {first}_lo)
+        """)
+
+
+_QUERY_RANGE = _tile_range("m", "BLOCK_M", "q_len")
 
 _HEAD_BASES = """\
 off_bh = b * n_heads + h
