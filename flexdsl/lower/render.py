@@ -6,6 +6,7 @@ result is plain, readable text (``flexdsl lower SPEC`` prints it).
 """
 from __future__ import annotations
 
+import functools
 import string
 import textwrap
 from dataclasses import dataclass
@@ -38,10 +39,10 @@ class KernelSource:
     gradients: tuple[TensorGradient, ...]   # float tensors that receive gradients
     no_specialize: tuple[str, ...]          # runtime values Triton must not compile for
 
-    @property
+    @functools.cached_property
     def row_gradients(self) -> bool:
         """Whether the dq pass finishes a table's gradient per query row (it then reads the
-        lse gradient, when there is one)."""
+        lse gradient, when there is one). Cached: each backward call asks."""
         return bool(_row_gradients(self.gradients))
 
 
@@ -322,21 +323,17 @@ def _forward_body(score_code: str, mask: str) -> str:
 
 
 def _gradient_code(g: TensorGradient, tile: Lowering, valid: str) -> list[str]:
-    """Accumulate ds * d(score expression)/d T[i...] into T's gradient, reduced where the index
-    does not vary so that atomics stay few."""
-    name = g.tensor
-    uses = ir.names(*g.lookup.indices)
+    """Accumulate ds * d(score expression)/d T[i...] into T's gradient, for a table indexed by
+    kv (the others finish per query row: ``_row_gradient_code``): a relative-position table
+    along the tile's diagonals, a table of kv alone summed over the tile's rows first, one
+    of q and kv with one atomic per position."""
     value = f"tl.where({valid}, ds * ({tile.floating(g.derivative)}), 0.0)"
     if g.relative:
         return _diagonal_gradient(g, value, tile)
     pointer = _gradient_pointer(g, tile)
-    if "q" in uses and "kv" in uses:
+    if "q" in ir.names(*g.lookup.indices):
         return [f"tl.atomic_add({pointer}, {value}, mask={valid})"]
-    if "q" in uses:
-        return [f"tl.atomic_add({pointer}, tl.sum({value}, 1)[:, None], mask=q_ok)"]
-    if "kv" in uses:
-        return [f"tl.atomic_add({pointer}, tl.sum({value}, 0)[None, :], mask=kv_ok)"]
-    return [f"tl.atomic_add({pointer}, tl.sum(tl.sum({value}, 1), 0))"]
+    return [f"tl.atomic_add({pointer}, tl.sum({value}, 0)[None, :], mask=kv_ok)"]
 
 
 def _gradient_pointer(g: TensorGradient, tile: Lowering) -> str:
