@@ -92,6 +92,7 @@ def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivati
         "ARGS": "".join(f"{a}, " for a in args),
         "GRAD_ARGS": "".join(f"{a}, " for a in grad_args),
         "KEY_RANGE": textwrap.indent(_tile_range("n", "BLOCK_N", "kv_len"), " " * 4).rstrip(),
+        "KEY_DESCRIPTORS": _KEY_DESCRIPTORS.rstrip(),
         "FWD_BOUNDS": _bounds_code(analysis.by_query, type_of, "q_idx_rows", "kv_len",
                                    "docs_exact_q", indent=4),
         "DIVISORS": _prepare(divisors, indent=4),
@@ -137,6 +138,15 @@ def _tile_range(first: str, block: str, length: str) -> str:
 
 
 _QUERY_RANGE = _tile_range("m", "BLOCK_M", "q_len")
+
+# The forward and dq passes stream one key head's k and v tiles.
+_KEY_DESCRIPTORS = """\
+    if TMA:
+        k_tiles = tl.make_tensor_descriptor(k_base, shape=[kv_len, D], strides=[skn, 1],
+                                            block_shape=[BLOCK_N, HEAD_DIM])
+        v_tiles = tl.make_tensor_descriptor(v_base, shape=[kv_len, D], strides=[svn, 1],
+                                            block_shape=[BLOCK_N, HEAD_DIM])
+"""
 
 _HEAD_BASES = """\
 off_bh = b * n_heads + h
