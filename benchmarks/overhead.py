@@ -1,9 +1,13 @@
-"""Host-side cost of one call: tiny inputs, many calls back to back, wall time per call.
+"""Host time of a call: what Python and the launches cost the CPU, apart from the kernels.
 
-    python benchmarks/overhead.py            # flexdsl and compiled FlexAttention, a few specs
-    python benchmarks/overhead.py --profile  # where flexdsl's Python time goes (cProfile)
+    python benchmarks/overhead.py                      # a few of bench.py's cases, B=2 H=16 S=4096
+    python benchmarks/overhead.py --cases causal --shape 8x16x1024 --profile
 
-A call whose kernel takes less than this is bound by the host, not the GPU.
+Each figure is host microseconds per call, measured hot: forty calls back to back while the GPU
+sleeps in a kernel queued before them, so no call waits for the device; the best of five
+rounds. "device" is the step's kernels alone (events around one step queued behind a sleep).
+A step whose host time exceeds its device time is bound by the host: bench.py then times the
+host, and only a shorter host path makes it faster.
 """
 from __future__ import annotations
 
@@ -19,58 +23,84 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import flexdsl  # noqa: E402
 
-CASES = {
-    "causal": ("where q >= kv", {}),
-    "documents": ("where doc[q] == doc[kv] and q >= kv", {"doc": None}),
-    "alibi_documents": ("score + slope[h] * (kv - q) where q >= kv and doc[q] == doc[kv]",
-                        {"doc": None, "slope": None}),
-}
+sys.path.insert(0, os.path.dirname(__file__))
+from bench import CASES  # noqa: E402
+
+DEFAULT_CASES = "causal,neighbourhood_64_r3,alibi_documents_causal,sliding_window_1024"
+_SLEEP_CYCLES = 300_000_000   # about 0.15 s of GPU time: longer than forty host calls
 
 
-def per_call_us(fn, calls=300) -> float:
-    for _ in range(20):
+def host_us(fn, calls: int = 40, rounds: int = 5) -> float:
+    for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
+    best = float("inf")
+    for _ in range(rounds):
+        torch.cuda._sleep(_SLEEP_CYCLES)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, time.perf_counter() - start)
+        torch.cuda.synchronize()
+    return best / calls * 1e6
+
+
+def device_us(fn, rounds: int = 10) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(rounds):
+        torch.cuda._sleep(_SLEEP_CYCLES // 10)
+        start.record()
         fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return sorted(times)[rounds // 2]
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--cases", default=DEFAULT_CASES)
+    parser.add_argument("--shape", default="2x16x4096")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile flexdsl's training step on the first case")
     args = parser.parse_args()
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     flex = torch.compile(flex_attention, dynamic=False)
-    length, heads = 256, 4
-    q, k, v = (torch.randn(1, heads, length, 64, device="cuda", dtype=torch.bfloat16)
-               for _ in range(3))
-    doc = (torch.arange(length, device="cuda") // 50)
-    slope = torch.rand(heads, device="cuda")
-    print("| case | flexdsl us/call | flexdsl fwd+bwd us | flex us/call | flex fwd+bwd us |")
-    for name, (spec, wants) in CASES.items():
-        tensors = {n: {"doc": doc, "slope": slope}[n] for n in wants}
-        attn = flexdsl.compile(spec)
-        ours = per_call_us(lambda: attn(q, k, v, **tensors))
-        qg = q.detach().requires_grad_()
+    batch, heads, length = map(int, args.shape.split("x"))
+    print(f"{torch.cuda.get_device_name()}, B={batch} H={heads} S={length} D={args.dim}, bf16; "
+          "host us per call (device us per step)")
+    print("| case | flexdsl fwd | flexdsl fwd+bwd | FlexAttention fwd | FlexAttention fwd+bwd |")
+    print("|---|---|---|---|---|")
+    for index, name in enumerate(args.cases.split(",")):
+        case = next(c for c in CASES if c.name == name)
+        params = case.params(length)
+        gen = torch.Generator().manual_seed(0)
+        tensors = case.tensors(batch, heads, length, "cuda", gen) if case.tensors else {}
+        if "bias" in tensors:
+            tensors["bias"] = tensors["bias"][:, : 2 * length]
+        q, k, v = (torch.randn(batch, heads, length, args.dim, device="cuda",
+                               dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         grad = torch.randn_like(q)
-        ours_bwd = per_call_us(lambda: attn(qg, k, v, **tensors).backward(grad))
-        mask = (lambda b, h, i, j: (i >= j) & (doc[i] == doc[j])) if "doc" in wants else \
-            (lambda b, h, i, j: i >= j)
-        score = (lambda s, b, h, i, j: s + slope[h] * (j - i)) if "slope" in wants else None
-        block = create_block_mask(mask, 1, 1, length, length, device="cuda")
-        theirs = per_call_us(lambda: flex(q, k, v, score_mod=score, block_mask=block))
-        theirs_bwd = per_call_us(
-            lambda: flex(qg, k, v, score_mod=score, block_mask=block).backward(grad))
-        print(f"| {name} | {ours:.0f} | {ours_bwd:.0f} | {theirs:.0f} | {theirs_bwd:.0f} |",
-              flush=True)
-        if args.profile and name == "causal":
+        attn = flexdsl.compile(case.spec, **params)
+        score_mod = case.score_mod(params, tensors) if case.score_mod else None
+        mask_mod = case.mask_mod(params, tensors) if case.mask_mod else None
+        block_mask = (create_block_mask(mask_mod, 1, 1, length, length, device="cuda")
+                      if mask_mod else None)
+        calls = {"flexdsl": lambda: attn(q, k, v, **tensors),
+                 "flex": lambda: flex(q, k, v, score_mod=score_mod, block_mask=block_mask)}
+        cells = []
+        for call in calls.values():
+            step = lambda call=call: call().backward(grad)  # noqa: E731
+            cells.append(f"{host_us(call):.0f}")
+            cells.append(f"{host_us(step):.0f} ({device_us(step):.0f})")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+        if args.profile and index == 0:
             profiler = cProfile.Profile()
             profiler.enable()
-            for _ in range(300):
-                attn(qg, k, v, **tensors).backward(grad)
+            for _ in range(200):
+                attn(q, k, v, **tensors).backward(grad)
             torch.cuda.synchronize()
             profiler.disable()
             pstats.Stats(profiler).sort_stats("tottime").print_stats(25)

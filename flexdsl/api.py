@@ -171,8 +171,9 @@ class Attention:
             ops.registry[key] = ops.Entry(
                 kernels, self.analysis, tuple(signature.params),
                 frozenset(n for n, p in signature.params.items() if p.dtype == "int"),
-                tuple(signature.tensors), self.options.forward,
-                launch.Configs(None, self.options.dq, self.options.dkdv))
+                tuple(signature.tensors),
+                launch.Configs(self.options.forward, self.options.dq, self.options.dkdv)
+                if self.options.forward or self.options.dq or self.options.dkdv else None)
         return key
 
     def __repr__(self) -> str:

@@ -30,50 +30,51 @@ def _supported(interpret: bool) -> bool:
     return (major, minor) >= (3, 6) and (major, minor) <= (3, 9)
 
 
-def specialisation(args) -> tuple:
+def specialisation(args, Tensor=torch.Tensor) -> tuple:
     """What Triton specialises a compiled kernel on, per argument: a tensor's dtype and 16-byte
     alignment; an int's width, whether it is 1 and whether 16 divides it (also for ints Triton
-    does not specialise on, which only makes this key finer)."""
-    out = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            out.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif type(a) is int:
-            out.append((a == 1, a % 16 == 0, -2**31 <= a < 2**31))
-        else:
-            out.append(type(a))
-    return tuple(out)
+    does not specialise on, which only makes this key finer). One comprehension, ints first:
+    most arguments are strides and lengths, and this runs for every launch."""
+    return tuple([(a == 1) + 2 * (a & 15 == 0) + 4 * (-2147483648 <= a <= 2147483647)
+                  if type(a) is int else
+                  (a.dtype, a.data_ptr() & 15 == 0) if isinstance(a, Tensor) else type(a)
+                  for a in args])
 
 
-def launch(key, grid, args) -> bool:
-    """Launch through the remembered compiled launcher, if there is one for this key and
-    these arguments' specialisation; False if the caller must go through Triton."""
-    if not _launchers and not supported():
-        return False
-    device = args[0].device.index if isinstance(args[0], torch.Tensor) else None
-    entry = _launchers.get((key, device, specialisation(args)))
+def launch(key, device, grid, args) -> bool:
+    """Launch through the remembered compiled launcher, if there is one for this key (which
+    names the kernel, its configuration and constants), device and these arguments'
+    specialisation; False if the caller must go through Triton."""
+    entry = _launchers.get((key, device, specialisation(args))) if _launchers else None
     if entry is None:
         return False
     compiled, tail, knobs = entry
-    stream = torch.cuda.current_stream(device).cuda_stream
+    stream = _raw_stream(device)
     full = (*args, *tail)
     grid = (*grid, 1, 1)[:3]
+    enter_hook = knobs.runtime.launch_enter_hook
     compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
-                 compiled.launch_metadata(grid, stream, *full),
-                 knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *full)
+                 compiled.launch_metadata(grid, stream, *full) if enter_hook else None,
+                 enter_hook, knobs.runtime.launch_exit_hook, *full)
     return True
 
 
-def remember(key, kernel, compiled, args, meta) -> None:
+def _raw_stream(device) -> int:
+    """The current stream's handle, without making a torch.cuda.Stream object when this torch
+    offers the lighter call (CUDA builds do)."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream
+
+
+def remember(key, device, kernel, compiled, args, meta) -> None:
     """After a launch through Triton: keep its compiled kernel for ``launch``."""
-    if compiled is None or not hasattr(compiled, "packed_metadata") \
+    if device is None or compiled is None or not hasattr(compiled, "packed_metadata") \
             or not supported():
         return
     from triton import knobs
     names = kernel.arg_names[len(args):]
     if set(names) != set(meta):   # a constexpr left to its default: take the slow path
         return
-    device = args[0].device.index if isinstance(args[0], torch.Tensor) else None
     if len(_launchers) > 4096:
         _launchers.clear()
     _launchers[(key, device, specialisation(args))] = (

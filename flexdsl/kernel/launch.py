@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -83,6 +84,36 @@ def _gpu_configs(head_dim: int, wide: bool, traits: KernelTraits) -> Configs:
     return Configs(Config(64, 32, 4, 2), Config(64, 16, 4, 2), Config(16, 64, 4, 2))
 
 
+@dataclass(frozen=True, eq=False)
+class Settings:
+    """What every launch of one spec's kernels shares at one head dim, dtype and device, worked
+    out once (ops.Entry keeps them): a call then computes only what its tensors decide."""
+    configs: Configs
+    constants: dict            # the constexprs all three passes take
+    copy_engine: bool          # this device can read through tensor descriptors
+    device: int | None         # the CUDA device's index, None on the CPU (interpreter)
+    key: int                   # names these settings in launch keys, which must hash fast
+
+
+_settings_made = itertools.count()
+
+
+def settings(kernels: CompiledSpec, head_dim: int, dtype: torch.dtype, device: torch.device,
+             overrides: Configs | None = None) -> Settings:
+    """The settings for ``kernels`` at this head dim, dtype and device; ``overrides`` replace
+    the default tile configuration of the passes they name."""
+    defaults = default_configs(head_dim, dtype, kernels.traits)
+    if overrides is not None:
+        defaults = Configs(overrides.forward or defaults.forward, overrides.dq or defaults.dq,
+                           overrides.dkdv or defaults.dkdv)
+    interpret = interpreting()
+    constants = dict(D=head_dim, HEAD_DIM=head_dim_padded(head_dim), DOT_F32=interpret,
+                     IEEE=dtype == torch.float32 and not interpret)
+    return Settings(defaults, constants,
+                    head_dim_padded(head_dim) <= 256 and _copy_engine(device, interpret),
+                    device.index if device.type == "cuda" else None, next(_settings_made))
+
+
 _fitted: dict[tuple, Config] = {}
 
 
@@ -98,13 +129,15 @@ def _fallbacks(config: Config, shrink: str):
         size //= 2
 
 
-def run_fitted(kernel, grid, args, config: Config, shrink: str, **constants):
+def run_fitted(kernel, grid, args, config: Config, shrink: str, key: tuple, device,
+               constants: dict):
     """Launch ``kernel``; if the configuration's shared memory does not fit this GPU, the next
-    smaller one that does (remembered, so the search happens once per kernel and shape)."""
+    smaller one that does (remembered, so the search happens once per kernel and constants).
+    ``key`` names the kernel, configuration and constants (settings' key, the pass, the
+    constants that vary per call), cheap to hash: it runs on every launch."""
+    if direct.launch(key, device, grid, args):
+        return
     from triton.runtime.errors import OutOfResources
-    key = (id(kernel), config, tuple(constants.items()))
-    if direct.launch(key, grid, args):
-        return _fitted[key]
     candidates = [_fitted[key]] if key in _fitted else _fallbacks(config, shrink)
     error = None
     for candidate in candidates:
@@ -116,18 +149,9 @@ def run_fitted(kernel, grid, args, config: Config, shrink: str, **constants):
             error = why
             continue
         _fitted[key] = candidate
-        direct.remember(key, kernel, compiled, args, meta)
-        return candidate
-    raise error
-
-
-def run(kernel, grid, args, num_warps: int = 4, **constants):
-    """Launch ``kernel`` as it is (a kernel whose resources always fit)."""
-    key = (id(kernel), num_warps, tuple(constants.items()))
-    if direct.launch(key, grid, args):
+        direct.remember(key, device, kernel, compiled, args, meta)
         return
-    compiled = kernel[grid](*args, num_warps=num_warps, **constants)
-    direct.remember(key, kernel, compiled, args, constants)
+    raise error
 
 
 def head_dim_padded(head_dim: int) -> int:
@@ -136,24 +160,26 @@ def head_dim_padded(head_dim: int) -> int:
 
 def tma_ready(tensors, head_dim: int, config: Config) -> bool:
     """Whether the kernels may read ``tensors`` ([B, H, S, D]) through tensor descriptors:
-    asked for, a Hopper or newer GPU (or the interpreter), and the copy engine's rules: a
-    16-byte aligned start for every (batch, head), positive 16-byte strides over heads and
-    positions, unit stride along D."""
-    if not (config.tma and head_dim_padded(head_dim) <= 256
-            and _copy_engine(tensors[0].device, interpreting())):
-        return False
-    for t in tensors:
-        size = t.element_size()
-        batch_stride, head_stride, row_stride, d_stride = t.stride()
-        if t.data_ptr() % 16 or d_stride != 1 or (t.shape[0] > 1 and batch_stride * size % 16):
-            return False
-        if any(s <= 0 or s * size % 16 for s in (head_stride, row_stride)):
-            return False
-    return True
+    asked for, a Hopper or newer GPU (or the interpreter), and the copy engine's rules
+    (``_descriptor_layout``)."""
+    return (config.tma and head_dim_padded(head_dim) <= 256
+            and _copy_engine(tensors[0].device, interpreting())
+            and all(_descriptor_layout(t) for t in tensors))
+
+
+def _descriptor_layout(t) -> bool:
+    """The copy engine's rules for a [B, H, S, D] tensor: a 16-byte aligned start for every
+    (batch, head), positive 16-byte strides over heads and positions, unit stride along D."""
+    size = t.element_size()
+    batch_stride, head_stride, row_stride, d_stride = t.stride()
+    return (d_stride == 1 and head_stride > 0 and row_stride > 0
+            and not (t.data_ptr() % 16 or head_stride * size % 16 or row_stride * size % 16)
+            and (t.shape[0] == 1 or not batch_stride * size % 16))
 
 
 @functools.lru_cache(maxsize=None)
 def _copy_engine(device: torch.device, interpret: bool) -> bool:
+    """Whether this device (or the interpreter) and triton can make tensor descriptors."""
     import triton
     if not hasattr(triton.language, "make_tensor_descriptor") or _allocator_slot() is None:
         return False
@@ -176,11 +202,25 @@ def _allocator_slot():
     return slot if isinstance(slot, contextvars.ContextVar) else None
 
 
+_scratch_buffers: dict[tuple[int, int], torch.Tensor] = {}
+
+
 def _scratch(size: int, alignment: int, stream):
     """Global memory for the descriptors the kernels make (128 bytes each, two a program), on
-    the device the launch runs on. torch's allocator hands out blocks aligned to 512 bytes,
-    more than the 128 Triton asks for."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+    the device the launch runs on. One buffer per device and stream, grown when a launch needs
+    more: launches on one stream run in order, so they can share it, and a launch then costs no
+    allocation. torch's allocator aligns blocks to 512 bytes, more than the 128 Triton asks.
+    A CUDA graph being captured keeps the address it sees: it gets memory of its own."""
+    if torch.cuda.is_current_stream_capturing():
+        return torch.empty(size, dtype=torch.int8, device="cuda")
+    key = (torch.cuda.current_device(), stream)
+    buffer = _scratch_buffers.get(key)
+    if buffer is None or buffer.numel() < size:
+        if len(_scratch_buffers) > 64:
+            _scratch_buffers.clear()
+        buffer = _scratch_buffers[key] = torch.empty(max(size, 1 << 16), dtype=torch.int8,
+                                                     device="cuda")
+    return buffer
 
 
 def _ensure_allocator() -> None:
@@ -205,15 +245,19 @@ def _on_tensors_device(launch):
 
 @dataclass
 class Call:
-    """Everything a launch needs beyond q, k, v: scalars and the spec's tensor arguments."""
+    """Everything a launch needs beyond q, k, v: scalars and the spec's tensor arguments.
+    One call serves a forward and its backward, which reuses the forward's ``arguments``."""
     scale: float
     params: dict
     tensors: dict
+    arguments: tuple | None = None   # spec_arguments' result, once worked out
 
 
 def spec_arguments(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, call: Call):
     """The spec-specific arguments (parameters, tensors with strides and sizes) and the two
-    flags that say whether the sorted-lookup run tensors are exact."""
+    flags that say whether the sorted-lookup run tensors are exact; kept on ``call``."""
+    if call.arguments is not None:
+        return call.arguments
     q_len, kv_len = q.shape[2], k.shape[2]
     if analysis.by_query.positive:
         values = {"q_len": q_len, "kv_len": kv_len, **call.params}
@@ -229,48 +273,42 @@ def spec_arguments(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, call: Ca
         args.append(value)
         args.extend(value.stride())
         args.extend(value.shape)
-    return args, int(exact_q), int(exact_k)
-
-
-def _flags(q):
-    interpret = interpreting()
-    return dict(DOT_F32=interpret, IEEE=(q.dtype == torch.float32 and not interpret))
+    call.arguments = (args, int(exact_q), int(exact_k))
+    return call.arguments
 
 
 @_on_tensors_device
 def forward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, call: Call,
-            config: Config | None = None):
+            settings: Settings):
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
-    config = config or default_configs(head_dim, q.dtype, kernels.traits).forward
-    out = torch.empty(batch, heads, q_len, head_dim, dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=q.device)
+    config = settings.configs.forward
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
     if q_len == 0:
         return out, lse
     args, exact_q, _ = spec_arguments(kernels, analysis, q, k, call)
     grid = (triton_cdiv(q_len, config.block_m), batch * heads)
-    tma = tma_ready((k, v), head_dim, config)
+    tma = settings.copy_engine and config.tma and _descriptor_layout(k) and _descriptor_layout(v)
     if tma:
         _ensure_allocator()
+    pos_scale = call.scale > 0
     run_fitted(kernels.module.attention_forward, grid,
                (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                 q_len, kv_len, heads, heads // kv_heads, call.scale, exact_q, *args),
-               config, "block_n", D=head_dim, HEAD_DIM=head_dim_padded(head_dim),
-               POS_SCALE=call.scale > 0, TMA=tma, **_flags(q))
+               config, "block_n", (settings.key, 0, tma, pos_scale), settings.device,
+               dict(POS_SCALE=pos_scale, TMA=tma, **settings.constants))
     return out, lse
 
 
 @_on_tensors_device
 def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, grad_out,
-             call: Call, configs: Configs | None = None, grad_lse=None,
-             tensor_grads: bool = True):
+             call: Call, settings: Settings, grad_lse=None, tensor_grads: bool = True):
     """dq, dk, dv and a dict of gradients of the float tensors the score uses (empty unless
     ``tensor_grads``: a table that needs no gradient costs no reduction or atomics)."""
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
-    defaults = default_configs(head_dim, q.dtype, kernels.traits)
-    dq_config = configs.dq if configs and configs.dq else defaults.dq
-    dkdv_config = configs.dkdv if configs and configs.dkdv else defaults.dkdv
+    dq_config, dkdv_config = settings.configs.dq, settings.configs.dkdv
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     tensor_grads = tensor_grads and bool(kernels.source.gradients)
     grads = {g.tensor: torch.zeros(call.tensors[g.tensor].shape, dtype=torch.float32,
@@ -279,51 +317,46 @@ def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, g
     if q_len == 0 or kv_len == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
         return dq, dk, dv, grads
-    dq_tma = tma_ready((k, v), head_dim, dq_config)
-    dkdv_tma = tma_ready((q,), head_dim, dkdv_config)
-    if dkdv_tma and not tma_ready((grad_out,), head_dim, dkdv_config):
+    dq_tma = (settings.copy_engine and dq_config.tma and _descriptor_layout(k)
+              and _descriptor_layout(v))
+    dkdv_tma = settings.copy_engine and dkdv_config.tma and _descriptor_layout(q)
+    if dkdv_tma and not _descriptor_layout(grad_out):
         # A gradient from .sum() is one value broadcast (stride 0): copy it once so that the
         # dk/dv loop reads it through the copy engine.
         grad_out = grad_out.contiguous()
-        dkdv_tma = tma_ready((grad_out,), head_dim, dkdv_config)
+        dkdv_tma = _descriptor_layout(grad_out)
     if dq_tma or dkdv_tma:
         _ensure_allocator()
     lse = lse.contiguous()
+    # Written by the dq pass for the dk/dv pass, which runs after it on the same stream.
     delta = torch.empty_like(lse)
     lse2 = torch.empty_like(lse)
-    prepare_rows = 16 if interpreting() else 64
     # d lse / d score = p: a gradient on lse enters dS as a shift of delta.
     has_dlse = grad_lse is not None
-    dlse = grad_lse if has_dlse else lse
-    run(kernels.module.attention_backward_prepare,
-        (triton_cdiv(q_len, prepare_rows), batch * heads),
-        (out, grad_out, lse, dlse, delta, lse2, *out.stride(), *grad_out.stride(),
-         *dlse.stride(), q_len, heads),
-        HAS_DLSE=has_dlse, D=head_dim, HEAD_DIM=head_dim_padded(head_dim), BLOCK_M=prepare_rows)
+    dlse = grad_lse.contiguous() if has_dlse else lse
     args, exact_q, exact_k = spec_arguments(kernels, analysis, q, k, call)
     grad_args = []
-    for name in dict.fromkeys(g.tensor for g in kernels.source.gradients):
+    for name in kernels.source.gradient_tensors:
         # Without tensor_grads the kernel never touches these: any fp32 pointer will do.
         g = grads.get(name, lse)
         grad_args.append(g)
         grad_args.extend(g.stride() if name in grads else [0] * call.tensors[name].dim())
     common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    group = heads // kv_heads
 
-    constants = dict(D=head_dim, HEAD_DIM=head_dim_padded(head_dim), **_flags(q))
-    # The dq pass reads the lse gradient only to finish per-row table gradients.
-    dq_dlse = has_dlse and tensor_grads and kernels.source.row_gradients
     run_fitted(kernels.module.attention_backward_dq,
                (triton_cdiv(q_len, dq_config.block_m), batch * heads),
-               (q, k, v, grad_out, lse2, delta, dlse.contiguous() if dq_dlse else lse, dq,
-                *common, *dq.stride(),
-                q_len, kv_len, heads, heads // kv_heads, call.scale, exact_q, *args, *grad_args),
-               dq_config, "block_n", TENSOR_GRADS=tensor_grads, TMA=dq_tma, HAS_DLSE=dq_dlse,
-               **constants)
+               (q, k, v, grad_out, out, lse, dlse, lse2, delta, dq, *common, *out.stride(),
+                *dq.stride(), q_len, kv_len, heads, group, call.scale, exact_q, *args, *grad_args),
+               dq_config, "block_n", (settings.key, 1, dq_tma, tensor_grads, has_dlse),
+               settings.device, dict(TENSOR_GRADS=tensor_grads, TMA=dq_tma, HAS_DLSE=has_dlse,
+                                     **settings.constants))
     run_fitted(kernels.module.attention_backward_dkdv,
                (triton_cdiv(kv_len, dkdv_config.block_n), batch * kv_heads),
                (q, k, v, grad_out, lse2, delta, dk, dv, *common, *dk.stride(), *dv.stride(),
-                q_len, kv_len, heads, heads // kv_heads, call.scale, exact_k, *args),
-               dkdv_config, "block_m", TMA=dkdv_tma, **constants)
+                q_len, kv_len, heads, group, call.scale, exact_k, *args),
+               dkdv_config, "block_m", (settings.key, 2, dkdv_tma), settings.device,
+               dict(TMA=dkdv_tma, **settings.constants))
     return dq, dk, dv, grads
 
 

@@ -6,7 +6,7 @@ through a string key, since ops take no Python objects.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -24,30 +24,37 @@ class Entry:
     params: tuple[str, ...]          # the order of the op's ``params`` list
     int_params: frozenset[str]
     tensors: tuple[str, ...]         # the order of the op's ``tensors`` list
-    forward_config: Optional[launch.Config] = None
-    backward_configs: Optional[launch.Configs] = None
+    configs: Optional[launch.Configs] = None   # overrides of the default tiles, per pass
+    _settings: dict = field(default_factory=dict, init=False, repr=False)
 
     @property
     def gradient_tensors(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(g.tensor for g in self.kernels.source.gradients))
+        return self.kernels.source.gradient_tensors
 
-    def call(self, scale: float, params: list[float], tensors: list[torch.Tensor]):
+    def settings(self, q) -> launch.Settings:
+        """The launch settings for q's head dim, dtype and device, worked out once."""
+        key = (q.shape[3], q.dtype, q.device)
+        found = self._settings.get(key)
+        if found is None:
+            found = self._settings[key] = launch.settings(
+                self.kernels, q.shape[3], q.dtype, q.device, self.configs)
+        return found
+
+    def call(self, scale: float, params: list[float], tensors) -> launch.Call:
         values = {name: (int(v) if name in self.int_params else v)
                   for name, v in zip(self.params, params)}
         return launch.Call(scale, values, dict(zip(self.tensors, tensors)))
 
-    def forward(self, q, k, v, scale, params, tensors):
+    def forward(self, q, k, v, call: launch.Call):
         """(out, lse)."""
-        return launch.forward(self.kernels, self.analysis, q, k, v,
-                              self.call(scale, params, list(tensors)), self.forward_config)
+        return launch.forward(self.kernels, self.analysis, q, k, v, call, self.settings(q))
 
-    def backward(self, q, k, v, out, lse, grad_out, grad_lse, scale, params, tensors,
+    def backward(self, q, k, v, out, lse, grad_out, grad_lse, call: launch.Call,
                  tensor_grads: bool = True):
         """dq, dk, dv and the gradients of ``gradient_tensors``, in their tensors' dtypes
         (None unless ``tensor_grads``)."""
-        call = self.call(scale, params, list(tensors))
         dq, dk, dv, grads = launch.backward(self.kernels, self.analysis, q, k, v, out, lse,
-                                            grad_out, call, self.backward_configs,
+                                            grad_out, call, self.settings(q),
                                             grad_lse=grad_lse, tensor_grads=tensor_grads)
         return dq, dk, dv, [grads[name].to(call.tensors[name].dtype) if name in grads else None
                             for name in self.gradient_tensors]
@@ -59,7 +66,8 @@ registry: dict[str, Entry] = {}
 @torch.library.custom_op("flexdsl::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor],
               params: list[float], key: str, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return registry[key].forward(q, k, v, scale, params, tensors)
+    entry = registry[key]
+    return entry.forward(q, k, v, entry.call(scale, params, tensors))
 
 
 @attention.register_fake
@@ -75,8 +83,9 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
                        grad_lse: Optional[torch.Tensor], tensors: list[torch.Tensor],
                        params: list[float], key: str, scale: float
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    return registry[key].backward(q, k, v, out, lse, grad_out, grad_lse, scale, params,
-                                  tensors)
+    entry = registry[key]
+    return entry.backward(q, k, v, out, lse, grad_out, grad_lse,
+                          entry.call(scale, params, tensors))
 
 
 @attention_backward.register_fake
@@ -115,22 +124,26 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, key, scale, params, *tensors):
-        out, lse = registry[key].forward(q, k, v, scale, params, tensors)
+        entry = registry[key]
+        call = entry.call(scale, params, tensors)
+        out, lse = entry.forward(q, k, v, call)
         # An unused output's gradient comes as None, not as zeros to allocate, fill and read.
         ctx.set_materialize_grads(False)
+        # Saved so that autograd checks no input was written to since; the backward reuses
+        # the forward's call (its arguments are worked out once a step).
         ctx.save_for_backward(q, k, v, out, lse, *tensors)
-        ctx.key, ctx.scale, ctx.params = key, scale, params
+        ctx.entry, ctx.call = entry, call
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, *tensors = ctx.saved_tensors
+        q, k, v, out, lse, *_ = ctx.saved_tensors
         if grad_out is None:   # only lse was used
             grad_out = torch.zeros_like(out)
-        entry = registry[ctx.key]
-        wanted = {name for name, needs in zip(entry.tensors, ctx.needs_input_grad[6:]) if needs}
-        dq, dk, dv, grads = entry.backward(q, k, v, out, lse, grad_out, grad_lse, ctx.scale,
-                                           ctx.params, tensors,
+        entry = ctx.entry
+        wanted = {name for name, needs in zip(entry.tensors, ctx.needs_input_grad[6:])
+                  if needs} if entry.gradient_tensors else set()
+        dq, dk, dv, grads = entry.backward(q, k, v, out, lse, grad_out, grad_lse, ctx.call,
                                            tensor_grads=bool(wanted & set(entry.gradient_tensors)))
         by_name = dict(zip(entry.gradient_tensors, grads))
         return (dq, dk, dv, None, None, None,
@@ -145,5 +158,6 @@ def run(q, k, v, tensors: list, params: list, key: str, scale: float):
         q.requires_grad or k.requires_grad or v.requires_grad
         or any(t.requires_grad for t in tensors))
     if not needs_grad:
-        return registry[key].forward(q, k, v, scale, params, tensors)
+        entry = registry[key]
+        return entry.forward(q, k, v, entry.call(scale, params, tensors))
     return _EagerAttention.apply(q, k, v, key, scale, params, *tensors)

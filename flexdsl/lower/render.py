@@ -40,10 +40,10 @@ class KernelSource:
     no_specialize: tuple[str, ...]          # runtime values Triton must not compile for
 
     @functools.cached_property
-    def row_gradients(self) -> bool:
-        """Whether the dq pass finishes a table's gradient per query row (it then reads the
-        lse gradient, when there is one). Cached: each backward call asks."""
-        return bool(_row_gradients(self.gradients))
+    def gradient_tensors(self) -> tuple[str, ...]:
+        """The names of the tensors that receive gradients, each once, in argument order.
+        Cached: every backward call asks."""
+        return tuple(dict.fromkeys(g.tensor for g in self.gradients))
 
 
 def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivatives, *,
