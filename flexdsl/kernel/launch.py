@@ -61,22 +61,27 @@ def _gpu_configs(head_dim: int, wide: bool, traits: KernelTraits) -> Configs:
     # - sliding windows (banded): 64-row forward and dq tiles, the window's ragged edges
     #   cost less in narrower tiles (D=128 forward 0.19 -> 0.17 ms sliding, 0.29 -> 0.24
     #   dilated, 0.17 -> 0.14 neighbourhood);
+    # - packed documents take them too, fewer rows of a tile straddling a boundary (forward
+    #   at S=16384 0.69 -> 0.60 ms, S=4096 0.165 -> 0.162); and at D=64 both kinds take
+    #   64-row forward tiles (documents 0.132 -> 0.086, dilated 0.226 -> 0.191);
     # - descriptors (the copy engine) pay in long loops (full forward 0.60 -> 0.56 ms) but
     #   cost each program their setup, which short document loops feel (0.165 -> 0.196);
+    #   through them a 128x128 forward tile fits in shared memory with 3 stages, 3-7% faster
+    #   than 128x64 at S=4096 and at S=16384 (causal 2.175 -> 2.030 ms at 16k);
     # - the dk/dv loop of a non-linear score (soft-capping) keeps one more [64, 64] value
     #   live and runs faster with 32-query steps (backward 1.65 -> 1.50 ms); at D=64 these
     #   steps help every spec but those that divide positions (neighbourhood 0.52 -> 0.69).
     if head_dim <= 64 and wide:
         return Configs(Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(64, 64, 4, 2))
     if head_dim <= 64:
-        return Configs(Config(128, 64, 8, 3),
+        return Configs(Config(64, 64, 4, 3) if traits.banded or traits.documents
+                       else Config(128, 64, 8, 3),
                        Config(64, 64, 4, 2 if traits.banded else 3),
                        Config(64, 64, 4, 2) if traits.divides else Config(32, 64, 4, 2, tma=True))
     if head_dim <= 128 and not wide:
         sparse = traits.banded or traits.documents
         return Configs(
-            Config(64, 64, 4, 3) if traits.banded else Config(128, 64, 8, 3,
-                                                               tma=not traits.documents),
+            Config(64, 64, 4, 3) if sparse else Config(128, 128, 8, 3, tma=True),
             Config(64, 64, 4, 2) if sparse else Config(128, 64, 8, 3),
             Config(32 if traits.nonlinear_score else 64, 64, 4, 2, tma=True))
     if head_dim <= 128:
