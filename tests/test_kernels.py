@@ -128,9 +128,10 @@ def test_descriptors_only_where_the_copy_engine_can_read():
 
 
 def test_default_tiles_follow_the_kind_of_spec():
-    # The GPU defaults (benchmarks/tune.py): windows take narrower forward and dq tiles,
-    # documents no descriptors in the forward, a soft-capped score 32-query dk/dv steps, and
-    # at D=64 masks that divide positions keep 64-query steps.
+    # The GPU defaults (benchmarks/tune.py): dense forwards take 128x128 tiles through
+    # descriptors, windows and documents narrower forward and dq tiles, a soft-capped score or
+    # a division of q - kv 32-query dk/dv steps, and at D=64 masks that divide positions keep
+    # 64-query steps.
     from flexdsl.kernel.launch import _gpu_configs
 
     def configs(text, head_dim):
@@ -139,16 +140,21 @@ def test_default_tiles_follow_the_kind_of_spec():
         return _gpu_configs(head_dim, False, traits)
 
     causal = configs("where q >= kv", 128)
-    assert (causal.forward.block_m, causal.forward.tma, causal.dq.block_m) == (128, True, 128)
-    assert causal.dkdv.block_m == 64
+    assert causal.forward == Config(128, 128, 8, 3, tma=True)
+    assert (causal.dq.block_m, causal.dkdv.block_m) == (128, 64)
     window = configs("where 0 <= q - kv < W", 128)
     assert (window.forward.block_m, window.dq.block_m) == (64, 64)
     documents = configs("where doc[q] == doc[kv] and q >= kv", 128)
-    assert (documents.forward.tma, documents.dq.block_m) == (False, 64)
+    assert (documents.forward.block_m, documents.forward.tma, documents.dq.block_m) == \
+        (64, False, 64)
     assert configs("cap * tanh(score / cap) where q >= kv", 128).dkdv.block_m == 32
+    neighbourhood = "where abs(q // X - kv // X) <= R and abs(q % X - kv % X) <= R"
+    assert configs("where abs(q - kv) <= W and (q - kv) % D == 0", 128).dkdv.block_m == 32
+    assert configs(neighbourhood, 128).dkdv.block_m == 64
     assert configs("where q >= kv", 64).dkdv == Config(32, 64, 4, 2, tma=True)
-    assert configs("where abs(q // X - kv // X) <= R and abs(q % X - kv % X) <= R",
-                   64).dkdv == Config(64, 64, 4, 2)
+    assert configs(neighbourhood, 64).dkdv == Config(64, 64, 4, 2)
+    assert configs("where 0 <= q - kv < W", 64).forward.block_m == 64
+    assert configs("where q >= kv", 64).forward.block_m == 128
 
 
 def test_fully_masked_rows_give_zero_and_minus_inf():
@@ -258,6 +264,28 @@ def test_lse_gradient():
     (gq,) = torch.autograd.grad(attn(q, k, v, return_lse=True)[1].sum(), [q])
     (rq,) = torch.autograd.grad(attn.reference(q64, k64, v64)[1].sum(), [q64])
     torch.testing.assert_close(gq.double(), rq, atol=1e-4, rtol=0)
+
+
+def test_a_backward_reuses_its_forwards_arguments(monkeypatch):
+    # The host path of a step: the run tensors of sorted lookups are made once, by the
+    # forward, and the backward launches with the same arguments; the values stay exact.
+    from flexdsl.kernel import launch
+    made = []
+    real = launch.document_tensors
+    monkeypatch.setattr(launch, "document_tensors",
+                        lambda *args: made.append(args[0].row) or real(*args))
+    attn = flexdsl.compile("where doc[q] == doc[kv] and q >= kv", options=TRITON)
+    gen = torch.Generator().manual_seed(23)
+    q, k, v = (torch.randn(1, 2, 37, 16, generator=gen, requires_grad=True) for _ in range(3))
+    doc = torch.tensor([0] * 11 + [1] * 20 + [2] * 6)
+    out = attn(q, k, v, doc=doc)
+    assert made == ["q", "kv"]
+    grads = torch.autograd.grad(out.sum(), [q, k, v])
+    assert made == ["q", "kv"]
+    inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(attn.reference(*inputs, doc=doc)[0].sum(), inputs)
+    for got, expected in zip(grads, want):
+        torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=0)
 
 
 def test_row_table_gradients_with_an_lse_gradient():

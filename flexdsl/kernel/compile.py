@@ -30,16 +30,19 @@ class KernelTraits:
     banded: bool = False           # every row keeps a window that slides with it
     documents: bool = False        # key ranges come from run tensors: short, uneven loops
     divides: bool = False          # the mask divides positions (// or %)
+    divides_pairs: bool = False    # ... an expression of both q and kv: per tile element
     nonlinear_score: bool = False  # dS needs d score_expr / d score: one more tile live
 
     @classmethod
     def of(cls, spec: CheckedSpec, analysis: MaskAnalysis,
            derivatives: ScoreDerivatives) -> "KernelTraits":
         mask = spec.spec.mask
-        divides = mask is not None and any(isinstance(n, ir.Binary) and n.op in ("//", "%")
-                                           for n in ir.walk(mask))
+        divisions = [n for n in ir.walk(mask) if isinstance(n, ir.Binary)
+                     and n.op in ("//", "%")] if mask is not None else []
         return cls(banded=banded(analysis.by_query, spec), documents=analysis.has_documents,
-                   divides=divides, nonlinear_score=not derivatives.identity)
+                   divides=bool(divisions),
+                   divides_pairs=any({"q", "kv"} <= ir.names(n.left) for n in divisions),
+                   nonlinear_score=not derivatives.identity)
 
 
 @dataclass(frozen=True)

@@ -69,8 +69,11 @@ def _gpu_configs(head_dim: int, wide: bool, traits: KernelTraits) -> Configs:
     #   through them a 128x128 forward tile fits in shared memory with 3 stages, 3-7% faster
     #   than 128x64 at S=4096 and at S=16384 (causal 2.175 -> 2.030 ms at 16k);
     # - the dk/dv loop of a non-linear score (soft-capping) keeps one more [64, 64] value
-    #   live and runs faster with 32-query steps (backward 1.65 -> 1.50 ms); at D=64 these
-    #   steps help every spec but those that divide positions (neighbourhood 0.52 -> 0.69).
+    #   live and runs faster with 32-query steps (backward 1.65 -> 1.50 ms), as does a mask
+    #   that divides a difference of positions, one division per element (dilated windows
+    #   0.838 -> 0.749 ms; neighbourhoods, which divide q and kv apart, 0.390 -> 0.401: no);
+    #   at D=64 these steps help every spec but those that divide positions (neighbourhood
+    #   0.52 -> 0.69).
     if head_dim <= 64 and wide:
         return Configs(Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(64, 64, 4, 2))
     if head_dim <= 64:
@@ -83,7 +86,8 @@ def _gpu_configs(head_dim: int, wide: bool, traits: KernelTraits) -> Configs:
         return Configs(
             Config(64, 64, 4, 3) if sparse else Config(128, 128, 8, 3, tma=True),
             Config(64, 64, 4, 2) if sparse else Config(128, 64, 8, 3),
-            Config(32 if traits.nonlinear_score else 64, 64, 4, 2, tma=True))
+            Config(32 if traits.nonlinear_score or traits.divides_pairs else 64, 64, 4, 2,
+                   tma=True))
     if head_dim <= 128:
         return Configs(Config(64, 32, 4, 2), Config(64, 32, 4, 2), Config(32, 64, 4, 2))
     return Configs(Config(64, 32, 4, 2), Config(64, 16, 4, 2), Config(16, 64, 4, 2))
