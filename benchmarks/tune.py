@@ -36,6 +36,8 @@ def main():
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--passes", default="forward,dq,dkdv")
     parser.add_argument("-p", "--param", action="append", default=[])
+    parser.add_argument("--tma", choices=("0", "1", "both"), default="both",
+                        help="sweep with pointer loads (0), tensor descriptors (1) or both")
     parser.add_argument("--configs", default="",
                         help="only these, as m,n,warps,stages[,tma] separated by spaces "
                              "(tma 1: tensor descriptors; 0, the default: pointer loads)")
@@ -55,6 +57,10 @@ def main():
     for name, configs in (("forward", FORWARD), ("dq", DQ), ("dkdv", DKDV)):
         if name not in args.passes:
             continue
+        if not only:
+            loads = {"0": (False,), "1": (True,), "both": (False, True)}[args.tma]
+            configs = [Config(c.block_m, c.block_n, c.num_warps, c.num_stages, tma=tma)
+                       for c in configs for tma in loads]
         configs = only or configs
         results = []
         for config in configs:

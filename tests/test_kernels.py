@@ -157,6 +157,27 @@ def test_default_tiles_follow_the_kind_of_spec():
     assert configs("where q >= kv", 64).forward.block_m == 128
 
 
+def test_wide_forward_tiles_narrow_without_descriptors(monkeypatch):
+    # 128x128 forward tiles fit in shared memory only through descriptors; where k and v
+    # cannot use them the forward takes 128x64 tiles, unless the caller chose the tile.
+    from flexdsl.kernel import launch
+    attn = flexdsl.compile("where q >= kv")
+    traits = kernel_compile.KernelTraits.of(attn.spec, attn.analysis, attn.derivatives)
+    kernels = kernel_compile.compiled(attn.spec, attn.analysis, attn.derivatives,
+                                      fast_tanh=False)
+    monkeypatch.setattr(launch, "default_configs",
+                        lambda head_dim, dtype, traits: launch._gpu_configs(head_dim, False,
+                                                                            traits))
+    chosen = launch.settings(kernels, 128, torch.bfloat16, torch.device("cpu"))
+    assert chosen.configs.forward == Config(128, 128, 8, 3, tma=True)
+    assert chosen.pointer_forward == Config(128, 64, 8, 3)
+    asked = Config(128, 128, 8, 2, tma=True)
+    overridden = launch.settings(kernels, 128, torch.bfloat16, torch.device("cpu"),
+                                 launch.Configs(asked, None, None))
+    assert overridden.pointer_forward == asked
+    assert traits == kernels.traits
+
+
 def test_fully_masked_rows_give_zero_and_minus_inf():
     # Rows q < kv_len - q_len keep nothing under bottom-right causal with Sq > Skv.
     attn = flexdsl.compile("where q + kv_len - q_len >= kv", options=TRITON)
@@ -266,26 +287,39 @@ def test_lse_gradient():
     torch.testing.assert_close(gq.double(), rq, atol=1e-4, rtol=0)
 
 
-def test_a_backward_reuses_its_forwards_arguments(monkeypatch):
-    # The host path of a step: the run tensors of sorted lookups are made once, by the
-    # forward, and the backward launches with the same arguments; the values stay exact.
-    from flexdsl.kernel import launch
+def test_a_backward_reuses_its_forwards_run_tensors(monkeypatch):
+    # The host path of a step: the run tensors of sorted lookups are made by the forward, and
+    # the backward finds them (kept per ids tensor) instead of making them again.
+    from flexdsl.analysis import plan
     made = []
-    real = launch.document_tensors
-    monkeypatch.setattr(launch, "document_tensors",
-                        lambda *args: made.append(args[0].row) or real(*args))
+    real = plan._runs_of
+    monkeypatch.setattr(plan, "_runs_of", lambda ids: made.append(1) or real(ids))
     attn = flexdsl.compile("where doc[q] == doc[kv] and q >= kv", options=TRITON)
     gen = torch.Generator().manual_seed(23)
     q, k, v = (torch.randn(1, 2, 37, 16, generator=gen, requires_grad=True) for _ in range(3))
     doc = torch.tensor([0] * 11 + [1] * 20 + [2] * 6)
     out = attn(q, k, v, doc=doc)
-    assert made == ["q", "kv"]
+    assert len(made) == 2                      # one per direction: keys per query, and back
     grads = torch.autograd.grad(out.sum(), [q, k, v])
-    assert made == ["q", "kv"]
+    assert len(made) == 2
     inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
     want = torch.autograd.grad(attn.reference(*inputs, doc=doc)[0].sum(), inputs)
     for got, expected in zip(grads, want):
         torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=0)
+
+
+def test_second_derivatives_fail_loudly():
+    # The kernels' gradients have no graph: a gradient penalty through them must raise, not
+    # treat dq as a constant.
+    attn = flexdsl.compile("where q >= kv", options=TRITON)
+    q, k, v = (torch.randn(1, 1, 20, 16, requires_grad=True) for _ in range(3))
+    out = attn(q, k, v)
+    (dq,) = torch.autograd.grad(out.sum(), [q], create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad((dq ** 2).sum() + out.sum(), [q])
+    # Without create_graph the gradients are plain tensors, as before.
+    (dq,) = torch.autograd.grad(attn(q, k, v).sum(), [q])
+    assert dq.grad_fn is None and not dq.requires_grad
 
 
 def test_row_table_gradients_with_an_lse_gradient():

@@ -98,6 +98,7 @@ class Settings:
     """What every launch of one spec's kernels shares at one head dim, dtype and device, worked
     out once (ops.Entry keeps them): a call then computes only what its tensors decide."""
     configs: Configs
+    pointer_forward: Config    # the forward's tile when k and v cannot go through descriptors
     constants: dict            # the constexprs all three passes take
     copy_engine: bool          # this device can read through tensor descriptors
     device: int | None         # the CUDA device's index, None on the CPU (interpreter)
@@ -112,14 +113,21 @@ def settings(kernels: CompiledSpec, head_dim: int, dtype: torch.dtype, device: t
     """The settings for ``kernels`` at this head dim, dtype and device; ``overrides`` replace
     the default tile configuration of the passes they name."""
     defaults = default_configs(head_dim, dtype, kernels.traits)
+    # A default forward tile that is wide only because descriptors leave it the shared memory
+    # narrows when they cannot be used (an older GPU, or k and v strides the copy engine
+    # refuses); a tile the caller asked for stays.
+    forward = defaults.forward
+    pointer_forward = Config(forward.block_m, min(forward.block_n, 64), forward.num_warps,
+                             forward.num_stages)
     if overrides is not None:
         defaults = Configs(overrides.forward or defaults.forward, overrides.dq or defaults.dq,
                            overrides.dkdv or defaults.dkdv)
+        pointer_forward = overrides.forward or pointer_forward
     interpret = interpreting()
     constants = dict(D=head_dim, HEAD_DIM=head_dim_padded(head_dim), DOT_F32=interpret,
                      IEEE=dtype == torch.float32 and not interpret)
-    return Settings(defaults, constants,
-                    head_dim_padded(head_dim) <= 256 and _copy_engine(device, interpret),
+    copy_engine = head_dim_padded(head_dim) <= 256 and _copy_engine(device, interpret)
+    return Settings(defaults, pointer_forward, constants, copy_engine,
                     device.index if device.type == "cuda" else None, next(_settings_made))
 
 
@@ -254,19 +262,16 @@ def _on_tensors_device(launch):
 
 @dataclass
 class Call:
-    """Everything a launch needs beyond q, k, v: scalars and the spec's tensor arguments.
-    One call serves a forward and its backward, which reuses the forward's ``arguments``."""
+    """Everything a launch needs beyond q, k, v: scalars and the spec's tensor arguments."""
     scale: float
     params: dict
     tensors: dict
-    arguments: tuple | None = None   # spec_arguments' result, once worked out
 
 
 def spec_arguments(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, call: Call):
     """The spec-specific arguments (parameters, tensors with strides and sizes) and the two
-    flags that say whether the sorted-lookup run tensors are exact; kept on ``call``."""
-    if call.arguments is not None:
-        return call.arguments
+    flags that say whether the sorted-lookup run tensors are exact. The run tensors are made
+    once per ids tensor (``document_tensors`` keeps them): a backward finds its forward's."""
     q_len, kv_len = q.shape[2], k.shape[2]
     if analysis.by_query.positive:
         values = {"q_len": q_len, "kv_len": kv_len, **call.params}
@@ -282,8 +287,7 @@ def spec_arguments(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, call: Ca
         args.append(value)
         args.extend(value.stride())
         args.extend(value.shape)
-    call.arguments = (args, int(exact_q), int(exact_k))
-    return call.arguments
+    return args, int(exact_q), int(exact_k)
 
 
 @_on_tensors_device
@@ -297,10 +301,12 @@ def forward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, call: Call,
     if q_len == 0:
         return out, lse
     args, exact_q, _ = spec_arguments(kernels, analysis, q, k, call)
-    grid = (triton_cdiv(q_len, config.block_m), batch * heads)
     tma = settings.copy_engine and config.tma and _descriptor_layout(k) and _descriptor_layout(v)
     if tma:
         _ensure_allocator()
+    elif config.tma:
+        config = settings.pointer_forward
+    grid = (triton_cdiv(q_len, config.block_m), batch * heads)
     pos_scale = call.scale > 0
     run_fitted(kernels.module.attention_forward, grid,
                (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),

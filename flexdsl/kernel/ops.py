@@ -125,29 +125,57 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key, scale, params, *tensors):
         entry = registry[key]
-        call = entry.call(scale, params, tensors)
-        out, lse = entry.forward(q, k, v, call)
+        out, lse = entry.forward(q, k, v, entry.call(scale, params, tensors))
         # An unused output's gradient comes as None, not as zeros to allocate, fill and read.
         ctx.set_materialize_grads(False)
-        # Saved so that autograd checks no input was written to since; the backward reuses
-        # the forward's call (its arguments are worked out once a step).
         ctx.save_for_backward(q, k, v, out, lse, *tensors)
-        ctx.entry, ctx.call = entry, call
+        ctx.entry, ctx.scale, ctx.params = entry, scale, params
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, *_ = ctx.saved_tensors
+        with torch.no_grad():
+            grads = _EagerAttention._gradients(ctx, grad_out, grad_lse)
+        if torch.is_grad_enabled():   # create_graph=True: a second derivative may come
+            grads = _without_second_derivative(grads, [t for t in ctx.saved_tensors
+                                                       if t.requires_grad])
+        return grads
+
+    @staticmethod
+    def _gradients(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, *tensors = ctx.saved_tensors
         if grad_out is None:   # only lse was used
             grad_out = torch.zeros_like(out)
         entry = ctx.entry
         wanted = {name for name, needs in zip(entry.tensors, ctx.needs_input_grad[6:])
                   if needs} if entry.gradient_tensors else set()
-        dq, dk, dv, grads = entry.backward(q, k, v, out, lse, grad_out, grad_lse, ctx.call,
+        dq, dk, dv, grads = entry.backward(q, k, v, out, lse, grad_out, grad_lse,
+                                           entry.call(ctx.scale, ctx.params, tensors),
                                            tensor_grads=bool(wanted & set(entry.gradient_tensors)))
         by_name = dict(zip(entry.gradient_tensors, grads))
         return (dq, dk, dv, None, None, None,
                 *(by_name.get(name) if name in wanted else None for name in entry.tensors))
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """A gradient of flexdsl attention taken with create_graph=True: its value, tied in the
+    graph to the attention's inputs, so that differentiating it again (a gradient penalty)
+    raises instead of counting the kernels' gradients as constants."""
+
+    @staticmethod
+    def forward(ctx, gradient, *inputs):
+        return gradient.view_as(gradient)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            "flexdsl attention has no second derivative: its backward kernels compute the "
+            "gradients without a graph (create_graph=True, e.g. a gradient penalty)")
+
+
+def _without_second_derivative(grads: tuple, inputs: list) -> tuple:
+    return tuple(_NoSecondDerivative.apply(g, *inputs) if isinstance(g, torch.Tensor) else g
+                 for g in grads)
 
 
 def run(q, k, v, tensors: list, params: list, key: str, scale: float):
