@@ -10,7 +10,7 @@ from .analysis import IndexRange, index_ranges
 from .bind import Bound, bind, check_names, check_parameter
 from .check import CheckedSpec
 from .check import check as _check
-from .errors import SpecError
+from .errors import SpecCallError, SpecError
 from .grammar import parse as _parse
 
 SpecLike = Union[str, ir.Spec, CheckedSpec]
@@ -188,6 +188,12 @@ class Attention:
                  **params_and_tensors):
         bound = self.bind(q, k, v, scale=scale, **params_and_tensors)
         if self._uses_kernels(bound.q):
+            if bound.v.shape[3] != bound.head_dim:
+                raise SpecCallError(
+                    f"v has head dim {bound.v.shape[3]} and q {bound.head_dim}: the kernels "
+                    "need them equal", spec=self.spec.text,
+                    hint="pad v's last dimension to q's and slice the output, or run "
+                         "KernelOptions(backend='torch')")
             from .kernel import ops
             key = self._kernel_key(bound.q.dtype)
             out, lse = ops.run(

@@ -7,8 +7,10 @@ caret points at it.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import numbers
+import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -135,7 +137,15 @@ def check_names(spec: CheckedSpec, names: Mapping[str, Any]) -> None:
 
 
 def _is_tensor(value) -> bool:
-    return type(value).__module__.startswith("torch") and hasattr(value, "shape")
+    # flexdsl imports torch only when it needs it: until torch is loaded, nothing is a tensor.
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+@functools.lru_cache(maxsize=None)
+def _float_dtypes() -> frozenset:
+    import torch
+    return frozenset(getattr(torch, name) for name in FLOAT_DTYPES)
 
 
 def _check_qkv(q, k, v, text: str) -> None:
@@ -147,7 +157,7 @@ def _check_qkv(q, k, v, text: str) -> None:
             raise SpecCallError(
                 f"{name} must have 4 dimensions (batch, heads, length, head_dim), "
                 f"got shape {tuple(t.shape)}", spec=text)
-        if str(t.dtype).replace("torch.", "") not in FLOAT_DTYPES:
+        if t.dtype not in _float_dtypes():
             raise SpecCallError(f"{name} has dtype {t.dtype}; flexdsl takes float16, "
                                 f"bfloat16, float32 or float64", spec=text)
     if not (q.dtype == k.dtype == v.dtype):
@@ -156,7 +166,7 @@ def _check_qkv(q, k, v, text: str) -> None:
     if not (q.device == k.device == v.device):
         raise SpecCallError(f"q, k and v must be on one device, got {q.device}, {k.device}, "
                             f"{v.device}", spec=text)
-    if k.shape != v.shape[:3] + k.shape[3:] or k.shape[:3] != v.shape[:3]:
+    if k.shape[:3] != v.shape[:3]:
         raise SpecCallError(f"k and v must agree in batch, heads and length, got "
                             f"{tuple(k.shape)} and {tuple(v.shape)}", spec=text)
     if q.shape[0] != k.shape[0]:

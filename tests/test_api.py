@@ -146,6 +146,19 @@ def test_qkv_errors_name_the_input(attn, make, message):
     assert info.value.spec == SPEC
 
 
+def test_kernels_want_v_with_qs_head_dim():
+    # The chunked path takes any head dim for v; the kernels read v with q's, so a narrower v
+    # must be an error there, not a read past its rows.
+    kernels = flexdsl.compile("where q >= kv", options=flexdsl.KernelOptions(backend="triton"))
+    q, k = torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    v = torch.randn(1, 2, 9, 8)
+    with pytest.raises(SpecCallError, match="v has head dim 8 and q 16: the kernels need"):
+        kernels(q, k, v)
+    out = flexdsl.compile("where q >= kv")(q, k, v)
+    torch.testing.assert_close(out.double(), flexdsl.compile("where q >= kv").reference(
+        q, k, v)[0], atol=1e-5, rtol=0)
+
+
 def test_scale_must_be_a_number(attn):
     with pytest.raises(SpecCallError, match="scale must be a number, got str"):
         attn(*qkv(), scale="0.1", **good())
