@@ -126,8 +126,7 @@ def settings(kernels: CompiledSpec, head_dim: int, dtype: torch.dtype, device: t
     interpret = interpreting()
     constants = dict(D=head_dim, HEAD_DIM=head_dim_padded(head_dim), DOT_F32=interpret,
                      IEEE=dtype == torch.float32 and not interpret)
-    copy_engine = head_dim_padded(head_dim) <= 256 and _copy_engine(device, interpret)
-    return Settings(defaults, pointer_forward, constants, copy_engine,
+    return Settings(defaults, pointer_forward, constants, _copy_engine_for(head_dim, device),
                     device.index if device.type == "cuda" else None, next(_settings_made))
 
 
@@ -178,10 +177,24 @@ def head_dim_padded(head_dim: int) -> int:
 def tma_ready(tensors, head_dim: int, config: Config) -> bool:
     """Whether the kernels may read ``tensors`` ([B, H, S, D]) through tensor descriptors:
     asked for, a Hopper or newer GPU (or the interpreter), and the copy engine's rules
-    (``_descriptor_layout``)."""
-    return (config.tma and head_dim_padded(head_dim) <= 256
-            and _copy_engine(tensors[0].device, interpreting())
-            and all(_descriptor_layout(t) for t in tensors))
+    (``_descriptor_layout``). The launches ask ``_through_descriptors`` with their settings."""
+    return _through_descriptors(_copy_engine_for(head_dim, tensors[0].device), config,
+                                *tensors)
+
+
+def _copy_engine_for(head_dim: int, device: torch.device) -> bool:
+    return head_dim_padded(head_dim) <= 256 and _copy_engine(device, interpreting())
+
+
+def _through_descriptors(copy_engine: bool, config: Config, *tensors) -> bool:
+    """Whether a pass run with ``config`` reads ``tensors`` through descriptors: the device
+    can, the configuration asks, and every tensor meets the copy engine's rules."""
+    if not (copy_engine and config.tma):
+        return False
+    for t in tensors:
+        if not _descriptor_layout(t):
+            return False
+    return True
 
 
 def _descriptor_layout(t) -> bool:
@@ -301,7 +314,7 @@ def forward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, call: Call,
     if q_len == 0:
         return out, lse
     args, exact_q, _ = spec_arguments(kernels, analysis, q, k, call)
-    tma = settings.copy_engine and config.tma and _descriptor_layout(k) and _descriptor_layout(v)
+    tma = _through_descriptors(settings.copy_engine, config, k, v)
     if tma:
         _ensure_allocator()
     elif config.tma:
@@ -332,9 +345,8 @@ def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, g
     if q_len == 0 or kv_len == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
         return dq, dk, dv, grads
-    dq_tma = (settings.copy_engine and dq_config.tma and _descriptor_layout(k)
-              and _descriptor_layout(v))
-    dkdv_tma = settings.copy_engine and dkdv_config.tma and _descriptor_layout(q)
+    dq_tma = _through_descriptors(settings.copy_engine, dq_config, k, v)
+    dkdv_tma = _through_descriptors(settings.copy_engine, dkdv_config, q)
     if dkdv_tma and not _descriptor_layout(grad_out):
         # A gradient from .sum() is one value broadcast (stride 0): copy it once so that the
         # dk/dv loop reads it through the copy engine.
