@@ -13,8 +13,9 @@ import torch
 import flexdsl
 from flexdsl.kernel import compile as kernel_compile
 from flexdsl.kernel.launch import Config, tma_ready
+from flexdsl.lower import render
 
-from catalogue import BY_NAME, CATALOGUE, Case, compiled_step_matches_eager
+from catalogue import BY_NAME, CATALOGUE, Case, alibi_slopes, compiled_step_matches_eager
 
 pytestmark = pytest.mark.skipif(not kernel_compile.interpreting() and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 or a GPU")
@@ -92,6 +93,47 @@ def test_lengths(case, q_len, kv_len):
 def test_more_lengths(name, q_len, kv_len):
     _check(BY_NAME[name], q_len, kv_len, torch.float32, heads=2, kv_heads=1, batch=1,
            seed=q_len * 7 + kv_len)
+
+
+def _query_table(batch, heads, q_len, kv_len, gen, device):
+    return torch.randn(q_len, generator=gen).to(device)
+
+
+def _key_table(batch, heads, q_len, kv_len, gen, device):
+    return torch.randn(heads, kv_len, generator=gen).to(device)
+
+
+# Biases that split into a query part and a key part (analysis/separable.py): the loops add
+# only the key part, the query part goes to lse. Rows with nothing kept where kv_len < q_len.
+SEPARABLE = [
+    Case("alibi_no_mask", "score + slope[h] * (kv - q)", tensors={"slope": alibi_slopes}),
+    Case("query_and_key_tables",
+         "score + 0.5 * bq[q] - bk[h, kv] + 0.01 * (kv - q) where q - 3 <= kv <= q + 20",
+         tensors={"bq": _query_table, "bk": _key_table}),
+    Case("constant_and_divided", "score + 2.5 + (kv // C) * 0.1 - q * 0.02 where q >= kv",
+         {"C": 3}),
+]
+
+
+@pytest.mark.parametrize("q_len, kv_len", [(37, 45), (17, 100), (45, 20)])
+@pytest.mark.parametrize("case", SEPARABLE, ids=lambda c: c.name)
+def test_separable_biases(case, q_len, kv_len):
+    attn = flexdsl.compile(case.spec, **case.params)
+    source = render(attn.spec, attn.analysis, attn.derivatives, fast_tanh=False).text
+    assert "s2 = qk * qk_scale + col2" in source
+    _check(case, q_len, kv_len, torch.float32, seed=q_len + kv_len)
+
+
+def test_separable_bias_unsplit_in_the_dkdv_pass_at_wide_heads():
+    # At head dims above 64 the dk/dv pass adds the whole bias (SPLIT_BIAS off), the other
+    # two passes still split it.
+    _check(SEPARABLE[1], 37, 45, torch.float32, dim=96, seed=8)
+
+
+def test_separable_bias_in_half_precision_at_long_distances():
+    # The key part is taken relative to an anchor near each tile, so it stays as small as the
+    # bias itself near the diagonal even far into the sequence.
+    _check(BY_NAME["alibi"], 300, 300, torch.float16, heads=2, kv_heads=1, batch=1, seed=5)
 
 
 # The interpreter's default tiles read through tensor descriptors; these take the pointer path.

@@ -6,12 +6,16 @@ drops a position nor EMPTY that keeps one.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flexdsl
+from flexdsl import ir
+from flexdsl.analysis.separable import separable_bias
 from flexdsl.analysis.plan import EMPTY, FULL, brute_force_tiles, plan
+from flexdsl.check import check
 
 LENGTHS = st.sampled_from([1, 17, 232, 1000]) | st.integers(1, 300)
 TILES = st.sampled_from([16, 32, 64, 128])
@@ -186,3 +190,29 @@ def test_banded_masks_are_windows_that_slide_with_the_row():
         analysis = MaskAnalysis.of(spec)
         assert banded(analysis.by_query, spec) == expected, text
         assert banded(analysis.by_key, spec) == expected, text
+
+
+@pytest.mark.parametrize("spec, bias", [
+    ("score + slope[h] * (kv - q) where q >= kv", "slope[h] * (kv - q)"),
+    ("score - 0.5 * bq[q] + bk[kv]", "-(0.5 * bq[q]) + bk[kv]"),
+    ("2.0 + score - kv // C", "2.0 - kv // C"),
+    ("score + log(q + 1.0) * S - kv * S", "log(q + 1.0) * S - kv * S"),
+])
+def test_separable_biases_are_found(spec, bias):
+    found = separable_bias(check(spec))
+    assert found is not None and ir.unparse(found.bias) == bias
+
+
+@pytest.mark.parametrize("spec", [
+    "where q >= kv",                          # no bias: the plain score's own path
+    "score + bias[h, q - kv + kv_len]",       # a lookup of both positions
+    "score - 0.1 * abs(q - kv)",              # abs does not split
+    "score + (kv - q) // W",                  # nor does a floor of both
+    "score + 0.001 * q * kv",                 # a product of both
+    "2.0 * score + slope[h] * (kv - q)",      # the score scaled
+    "score * slope[h] + kv",                  # the score multiplied by a table
+    "cap * tanh(score / cap) + kv",           # the score inside a function
+    "score + (1.0 if q > kv else 0.0)",       # a condition on both
+])
+def test_biases_that_do_not_separate(spec):
+    assert separable_bias(check(spec)) is None

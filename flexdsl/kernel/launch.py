@@ -383,7 +383,8 @@ def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, g
                (q, k, v, grad_out, lse2, delta, dk, dv, *common, *dk.stride(), *dv.stride(),
                 q_len, kv_len, heads, group, call.scale, exact_k, *args),
                dkdv_config, "block_m", (settings.key, 2, dkdv_tma), settings.device,
-               dict(TMA=dkdv_tma, **settings.constants))
+               dict(TMA=dkdv_tma, SPLIT_BIAS=settings.constants["HEAD_DIM"] <= 64,
+                    **settings.constants))
     return dq, dk, dv, grads
 
 

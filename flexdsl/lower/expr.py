@@ -68,6 +68,9 @@ class Lowering:
         text = self.expr(node)
         if self.type_of(node) == FLOAT:
             return text
+        if not any(isinstance(n, (ir.Name, ir.Lookup)) for n in ir.walk(node)):
+            # An integer constant (a derivative such as -1) is a Python int in the kernel.
+            return f"({text} + 0.0)"
         return f"({text}).to(tl.float32)"
 
     def _as(self, node: ir.Expr, dtype: str) -> str:

@@ -16,6 +16,7 @@ from .. import ir
 from ..analysis.bounds import Solved, work_trend
 from ..analysis.derivatives import ScoreDerivatives, TensorGradient
 from ..analysis.plan import MaskAnalysis
+from ..analysis.separable import separable_bias
 from ..check import INT, CheckedSpec, Signature, TensorParam, Typer
 from .expr import Divisor, Lowering, param_name, tensor_name
 
@@ -75,10 +76,12 @@ def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivati
     tile = Lowering(type_of, {"q": "q_idx", "kv": "kv_idx", "b": "b", "h": "h"},
                     {"q": "q_ok", "kv": "kv_ok"}, divisors={})
     score_code = _score_code(spec, tile)
+    separable = separable_bias(spec)
+    split = _split_bias(separable.bias, type_of, tile.divisors) if separable else None
     # Masked tiles always check the lengths; the spec's own mask joins in where it has one.
     mask = "kv_ok" if spec.spec.mask is None else f"({tile.expr(spec.spec.mask)}) & kv_ok"
     d_score = None if derivatives.identity else tile.floating(derivatives.d_score)
-    dq_body = _dq_body(score_code, mask, d_score, gradients, tile)
+    dq_body = _dq_body(score_code, mask, d_score, gradients, tile, split)
     dq_gradients_init, dq_gradients_final = _row_gradient_code(gradients, tile)
     # Every expression of the loops is lowered by now: their divisors are known.
     divisors = list(tile.divisors.values())
@@ -96,11 +99,16 @@ def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivati
         "FWD_BOUNDS": _bounds_code(analysis.by_query, type_of, "q_idx_rows", "kv_len",
                                    "docs_exact_q", indent=4),
         "DIVISORS": _prepare(divisors, indent=4),
-        "FWD_BODY": _forward_body(score_code, mask),
+        "FWD_BODY": _forward_body(score_code, mask, split),
+        "FWD_SCORE_SETUP": _split_setup(split, "start_m * BLOCK_M", corner=True),
+        "FWD_LSE_ROWS": f"    lse = lse + {split.row}" if split else "",
+        "DQ_SCORE_SETUP": _split_setup(split, "start_m * BLOCK_M", corner=True) + (
+            f"\n    lse2_rows = lse2 - ({split.row}) * _LOG2E" if split else ""),
+        "DKDV_SCORE_SETUP": _split_setup(split, "start_n * BLOCK_N", corner=False),
         "DQ_BODY": dq_body,
         "DQ_GRADIENTS_INIT": dq_gradients_init,
         "DQ_GRADIENTS_FINAL": dq_gradients_final,
-        "DKDV_LOOP": _dkdv_loop(analysis, type_of, _dkdv_body(score_code, mask, d_score),
+        "DKDV_LOOP": _dkdv_loop(analysis, type_of, _dkdv_body(score_code, mask, d_score, split),
                                 divisors, per_head=_mask_uses_head(spec)
                                 or any(d.per_head for d in divisors)),
     }
@@ -216,6 +224,56 @@ def _derived_tensors(analysis: MaskAnalysis) -> list[TensorParam]:
     return list(out.values())
 
 
+@dataclass(frozen=True)
+class _SplitBias:
+    """A separable bias B (``analysis/separable.py``) lowered with one position at the anchor
+    ``sep_a``, a position near the program's tile: ``col`` is B(sep_a, kv) over the tile's
+    keys, ``row`` B(q, sep_a) over the forward's and dq pass's query rows, ``row_t`` the same
+    over the dk/dv pass's query tile, ``corner`` B(sep_a, sep_a). Inside the loops a tile adds
+    col - corner; row goes to the log-sum-exp, which softmax does not otherwise see."""
+    col: str
+    row: str
+    row_t: str
+    corner: str
+
+
+def _split_bias(bias: ir.Expr, type_of, divisors: dict) -> _SplitBias:
+    def lower(q: str, kv: str, valid: dict) -> str:
+        return Lowering(type_of, {"q": q, "kv": kv, "b": "b", "h": "h"}, valid,
+                        divisors=divisors).floating(bias)
+    return _SplitBias(col=lower("sep_a", "kv_idx", {"kv": "kv_ok"}),
+                      row=lower("q_rows", "sep_a", {"q": "row_ok"}),
+                      row_t=lower("q_rows_t", "sep_a", {"q": "(q_rows_t < q_len)"}),
+                      corner=lower("sep_a", "sep_a", {}))
+
+
+def _split_setup(split: _SplitBias | None, anchor: str, corner: bool) -> str:
+    """The anchor (and, where the program's head is fixed, B at the anchor) before a loop."""
+    if split is None:
+        return ""
+    lines = [f"    sep_a = {anchor}"]
+    if corner:
+        lines.append(f"    sep_aa = {split.corner}")
+    return "\n".join(lines)
+
+
+def _scaled_score(product: str, score_code: str, split: _SplitBias | None,
+                  switch: str | None = None) -> list[str]:
+    """Lines that leave the score expression in base-2 units in ``s2``. With ``switch``, a
+    constexpr, a separable bias is split only where it is true."""
+    if score_code == "s_mod = score":
+        return [f"s2 = {product} * qk_scale"]  # one multiply: the scale folded into log2(e)
+    whole = [f"score = {product} * sm_scale", score_code, "s2 = s_mod * _LOG2E"]
+    if split is None:
+        return whole
+    # One multiply-add per element, as for a plain score; the rows' part is in lse.
+    parts = [f"col2 = ({split.col} - sep_aa) * _LOG2E", f"s2 = {product} * qk_scale + col2"]
+    if switch is None:
+        return parts
+    return [f"if {switch}:", *("    " + line for line in parts),
+            "else:", *("    " + line for line in whole)]
+
+
 def _score_code(spec: CheckedSpec, tile: Lowering) -> str:
     if spec.spec.score == ir.Name(ir.SCORE):
         return "s_mod = score"
@@ -293,7 +351,7 @@ def _key_tile(load_v: str, v_tma: str) -> list[str]:
     ]
 
 
-def _forward_body(score_code: str, mask: str) -> str:
+def _forward_body(score_code: str, mask: str, split: _SplitBias | None) -> str:
     """One key tile of the online softmax. One loop visits every tile of the hull and masks
     only the tiles outside the full range: three loops (masked, full, masked) held more
     values live at once and spilled registers."""
@@ -317,7 +375,7 @@ def _forward_body(score_code: str, mask: str) -> str:
                   f"        s2 = tl.where({mask}, s2, -float(\"inf\"))",
                   "    m_new = tl.maximum(m_i, tl.max(s2, 1))"]
     else:
-        lines += ["score = qk * sm_scale", score_code, "s2 = s_mod * _LOG2E",
+        lines += [*_scaled_score("qk", score_code, split),
                   "if masked:",
                   f"    s2 = tl.where({mask}, s2, -float(\"inf\"))",
                   "m_new = tl.maximum(m_i, tl.max(s2, 1))"]
@@ -376,20 +434,19 @@ def _diagonal_gradient(g: TensorGradient, value: str, tile: Lowering) -> list[st
 
 
 def _recompute(product: str, score_code: str, mask: str, rows: str, dp: str,
-               d_score: str | None, after_p: tuple[str, ...] = (),
+               d_score: str | None, split: _SplitBias | None, lse2: str = "lse2",
+               switch: str | None = None, after_p: tuple[str, ...] = (),
                after_ds: tuple[str, ...] = ()) -> list[str]:
     """The backward's shared middle: scores again, P from the saved log-sum-exp, and
     dscore = P * (dP - delta) * d(score expression)/d(score). ``rows`` broadcasts a per-query
     vector over the tile's orientation. Only tiles outside the full range (``masked``) apply
-    ``mask``; there P is 0 where the mask is false, so dscore is too."""
-    if score_code == "s_mod = score":
-        lines = [f"s2 = {product} * qk_scale"]  # one multiply: the scale folded into log2(e)
-    else:
-        lines = [f"score = {product} * sm_scale", score_code, "s2 = s_mod * _LOG2E"]
-    lines += [
+    ``mask``; there P is 0 where the mask is false, so dscore is too. ``lse2`` names the
+    rows' log-sum-exp in base 2 (less their part of a separable bias)."""
+    lines = [
+        *_scaled_score(product, score_code, split, switch),
         "if masked:",
         f"    s2 = tl.where({mask}, s2, -float(\"inf\"))",
-        f"p = tl.exp2(s2 - lse2{rows})",
+        f"p = tl.exp2(s2 - {lse2}{rows})",
         *after_p,
         f"dp = {dp}",
         f"ds = p * (dp - delta{rows})",
@@ -404,7 +461,8 @@ def _recompute(product: str, score_code: str, mask: str, rows: str, dp: str,
     return lines + list(after_ds)
 
 
-def _dq_body(score_code, mask, d_score, gradients, tile: Lowering) -> str:
+def _dq_body(score_code, mask, d_score, gradients, tile: Lowering,
+             split: _SplitBias | None) -> str:
     gradient_lines = []
     if gradients:
         body = ["g_valid = q_ok & kv_ok", "if masked:", f"    g_valid = g_valid & ({mask})"]
@@ -425,7 +483,7 @@ def _dq_body(score_code, mask, d_score, gradients, tile: Lowering) -> str:
                    "tl.trans(v_tiles.load([start_n, 0]))"),
         "masked = (start_n < f_start) | (start_n >= f_stop)",
         *_recompute(_dot("q", "k"), score_code, mask, "[:, None]", _dot("do", "v"), d_score,
-                    after_ds=tuple(gradient_lines)),
+                    split, "lse2_rows" if split else "lse2", after_ds=tuple(gradient_lines)),
         f"dq = {_dot('dscore.to(k.dtype)', 'tl.trans(k)', 'dq')}",
     ]
     return textwrap.indent("\n".join(lines), " " * 8)
@@ -470,7 +528,7 @@ def _row_gradient_code(gradients, tile: Lowering) -> tuple[str, str]:
             textwrap.indent("\n".join(final), " " * 4))
 
 
-def _dkdv_body(score_code, mask, d_score) -> str:
+def _dkdv_body(score_code, mask, d_score, split: _SplitBias | None) -> str:
     """One query tile for a key tile, in the [BLOCK_N, BLOCK_M] orientation: k and v stay in
     registers, and dk, dv accumulate as [BLOCK_N, HEAD_DIM]."""
     lines = [
@@ -494,8 +552,14 @@ def _dkdv_body(score_code, mask, d_score) -> str:
         "delta = tl.load(DELTA + off_bh.to(tl.int64) * q_len + q_rows_t, "
         "mask=q_rows_t < q_len, other=0.0)",
         "masked = (start_m < f_start) | (start_m >= f_stop)",
+        # A separable bias, split where SPLIT_BIAS says (launch.py: it spills registers at
+        # D=128): B at the anchor (the head may change from step to step) and the query rows'
+        # part taken out of their log-sum-exp.
+        *(["if SPLIT_BIAS:", f"    sep_aa = {split.corner}",
+           f"    lse2 = lse2 - ({split.row_t}) * _LOG2E"] if split else []),
         *_recompute(_dot("k", "q_t"), score_code, f"{mask} & q_ok",
-                    "[None, :]", _dot("v", "tl.trans(do)"), d_score,
+                    "[None, :]", _dot("v", "tl.trans(do)"), d_score, split,
+                    switch="SPLIT_BIAS",
                     after_p=(f"dv = {_dot('p.to(do.dtype)', 'do', 'dv')}",)),
         f"dk = {_dot('dscore.to(q_t.dtype)', 'tl.trans(q_t)', 'dk')}",
     ]

@@ -1,0 +1,91 @@
+"""Scores whose bias splits into a query part and a key part: ``score + R(q) + C(kv)``.
+
+ALiBi's ``score + slope[h] * (kv - q)`` is one: its bias is ``slope[h] * kv`` plus
+``-slope[h] * q``. Softmax over the keys of a row ignores whatever is added to the whole row,
+so the kernels add only the key part inside their loops (one multiply-add per element, as
+for a plain score) and the query part once per row, to the log-sum-exp.
+
+No split is written down: for any position ``a``, a separable bias obeys
+``B(q, kv) = B(q, a) + B(a, kv) - B(a, a)``, so the kernels evaluate the user's own
+expression with one position fixed at an anchor near their tile (which keeps each part as
+small as the bias itself there, for float precision).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+from .. import ir
+from ..check import CheckedSpec
+from .symbolic import Symbols, to_sympy
+
+
+@dataclass(frozen=True)
+class SeparableBias:
+    """The spec's score is ``score + bias`` and every term of ``bias`` depends on at most one
+    of q and kv."""
+    bias: ir.Expr
+
+
+def separable_bias(spec: CheckedSpec) -> SeparableBias | None:
+    """The score's bias, if the score is ``score`` plus a bias that separates; else None.
+
+    >>> from flexdsl.check import check
+    >>> ir.unparse(separable_bias(check("score + slope[h] * (kv - q)")).bias)
+    'slope[h] * (kv - q)'
+    >>> separable_bias(check("score - 0.1 * abs(q - kv)")) is None
+    True
+    """
+    terms = _sum_terms(spec.spec.score, 1)
+    scores = [sign for node, sign in terms if node == ir.Name(ir.SCORE)]
+    rest = [(node, sign) for node, sign in terms if node != ir.Name(ir.SCORE)]
+    if scores != [1] or not rest or any(ir.SCORE in ir.names(node) for node, _ in rest):
+        return None
+    bias = None
+    for node, sign in rest:
+        if bias is None:
+            bias = node if sign > 0 else ir.Unary("-", node)
+        else:
+            bias = ir.Binary("+" if sign > 0 else "-", bias, node)
+    if not _separates(bias, spec):
+        return None
+    return SeparableBias(bias)
+
+
+def _sum_terms(node: ir.Expr, sign: int) -> list[tuple[ir.Expr, int]]:
+    """The terms of a chain of + and - (and negations), each with its sign."""
+    if isinstance(node, ir.Binary) and node.op in ("+", "-"):
+        return _sum_terms(node.left, sign) + _sum_terms(node.right,
+                                                        sign if node.op == "+" else -sign)
+    if isinstance(node, ir.Unary) and node.op == "-":
+        return _sum_terms(node.operand, -sign)
+    return [(node, sign)]
+
+
+def _separates(bias: ir.Expr, spec: CheckedSpec) -> bool:
+    """Whether no term of the expanded bias depends on both q and kv. A lookup depends on the
+    positions its indices name; functions sympy does not expand (abs, exp, a conditional)
+    keep both positions in one term, and so do not separate."""
+    symbols = Symbols(spec)
+    try:
+        expression = sympy.expand(to_sympy(bias, symbols))
+    except (TypeError, ValueError, NotImplementedError):
+        return False
+    q, kv = symbols["q"], symbols["kv"]
+
+    def positions(term) -> set[str]:
+        found = set()
+        for free in term.free_symbols:
+            if free == q:
+                found.add("q")
+            elif free == kv:
+                found.add("kv")
+            elif free in symbols.lookups:
+                found |= ir.names(*symbols.lookups[free].indices) & {"q", "kv"}
+        return found
+
+    return all(positions(term) != {"q", "kv"} for term in sympy.Add.make_args(expression))
+
+
+__all__ = ["SeparableBias", "separable_bias"]
