@@ -119,6 +119,10 @@ class Lowering:
         if op in ("and", "or"):
             return f"({self.expr(node.left)} {'&' if op == 'and' else '|'} {self.expr(node.right)})"
         if op == "/":
+            if _uniform(node.right):
+                # One reciprocal for the program, then a multiply per element: a division
+                # per element is a reciprocal on the unit that also computes exp2 and tanh.
+                return f"({self.floating(node.left)} * (1.0 / {self.floating(node.right)}))"
             return f"({self.floating(node.left)} / {self.floating(node.right)})"
         if op in ("//", "%"):
             helper = "_fdiv" if op == "//" else "_fmod"
