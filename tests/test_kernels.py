@@ -437,6 +437,41 @@ def test_torch_compile_fullgraph_matches_eager():
     compiled_step_matches_eager(attn, heads=2, length=40)
 
 
+def test_direct_launches_find_their_kernel_by_raw_ints_and_tensor_alignment(monkeypatch):
+    # After the first launch, later ones look their compiled kernel up by the raw ints and
+    # each tensor's dtype and alignment; ints the first launch did not see take the full
+    # specialisation once. A misaligned tensor must not reuse the aligned kernel.
+    from flexdsl.kernel import direct
+    from triton import knobs
+    runs = []
+
+    class Compiled:
+        packed_metadata = function = None
+
+        def run(self, *args):
+            runs.append(args)
+
+    class Kernel:
+        arg_names = ["X", "n", "s", "BLOCK"]
+
+    monkeypatch.setattr(direct, "supported", lambda: True)
+    monkeypatch.setattr(direct, "_raw_stream", lambda device: 0)
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", None)
+    for table in ("_launchers", "_layouts", "_quick"):
+        monkeypatch.setattr(direct, table, {})
+    x = torch.zeros(64)
+    key = ("test", 0)
+    assert not direct.launch(key, 0, (1,), (x, 32, 0.5))
+    direct.remember(key, 0, Kernel(), Compiled(), (x, 32, 0.5), {"BLOCK": 16})
+    assert direct.launch(key, 0, (1,), (torch.zeros(64), 32, 2.0))
+    assert direct.launch(key, 0, (1,), (x, 48, 0.5))           # specialised alike: found
+    assert (key, 0, (48,), ((torch.float32, True),)) in direct._quick
+    assert not direct.launch(key, 0, (1,), (x, 33, 0.5))       # 33 is not a multiple of 16
+    assert not direct.launch(key, 0, (1,), (x[1:], 32, 0.5))   # not 16-byte aligned
+    assert not direct.launch(key, 0, (1,), (x.double(), 32, 0.5))
+    assert len(runs) == 2 and runs[0][-1] == 16                 # the constexpr goes last
+
+
 def test_launch_specialisation_key_separates_what_triton_compiles_for():
     # The direct-launch cache may reuse a compiled kernel only for arguments Triton would
     # have specialised the same way.

@@ -4,17 +4,25 @@ Triton's launch path binds and specialises every argument in Python: about 60 us
 the lent H200's host, more than a short kernel runs. After a kernel's first launch through
 Triton, later calls whose arguments specialise the same way call its compiled launcher
 directly, as Triton itself does at the end of ``JITFunction.run`` (the same call in triton 3.6
-to 3.9; other versions and the interpreter always go through Triton).
+to 3.9; other versions and the interpreter always go through Triton). The launcher is found
+by the raw ints of the call (strides and lengths repeat from step to step) and each tensor's
+dtype and alignment, picked out by position: half the cost of specialising every argument
+(a training step with a documents mask: 36 -> 18 us on the development machine).
 """
 from __future__ import annotations
 
 import functools
+import operator
 
 import torch
 
 from .compile import interpreting
 
 _launchers: dict[tuple, tuple] = {}
+# Per key, which arguments are ints and which tensors: a launch's arguments keep their kinds in
+# their places (the key names the kernel and the spec), so getters pick them out in C.
+_layouts: dict[tuple, tuple] = {}
+_quick: dict[tuple, tuple] = {}
 
 
 def supported() -> bool:
@@ -45,9 +53,22 @@ def launch(key, device, grid, args) -> bool:
     """Launch through the remembered compiled launcher, if there is one for this key (which
     names the kernel, its configuration and constants), device and these arguments'
     specialisation; False if the caller must go through Triton."""
-    entry = _launchers.get((key, device, specialisation(args))) if _launchers else None
-    if entry is None:
+    layout = _layouts.get(key)
+    if layout is None:
         return False
+    # The raw ints (strides, lengths: the same from step to step) and each tensor's dtype and
+    # alignment find the launcher without specialising every argument in Python.
+    ints, tensors = layout
+    quick = (key, device, ints(args),
+             tuple([(t.dtype, t.data_ptr() & 15 == 0) for t in tensors(args)]))
+    entry = _quick.get(quick)
+    if entry is None:
+        entry = _launchers.get((key, device, specialisation(args)))
+        if entry is None:
+            return False
+        if len(_quick) > 4096:
+            _quick.clear()
+        _quick[quick] = entry
     compiled, tail, knobs = entry
     stream = _raw_stream(device)
     full = (*args, *tail)
@@ -77,5 +98,17 @@ def remember(key, device, kernel, compiled, args, meta) -> None:
         return
     if len(_launchers) > 4096:
         _launchers.clear()
+        _quick.clear()
     _launchers[(key, device, specialisation(args))] = (
         compiled, tuple(meta[name] for name in names), knobs)
+    _layouts[key] = (_getter([i for i, a in enumerate(args) if type(a) is int]),
+                     _getter([i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]))
+
+
+def _getter(positions: list[int]):
+    """A function of the argument tuple giving the tuple of the arguments at ``positions``."""
+    if len(positions) > 1:
+        return operator.itemgetter(*positions)
+    if positions:
+        return lambda args, i=positions[0]: (args[i],)
+    return lambda args: ()
