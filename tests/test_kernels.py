@@ -103,15 +103,34 @@ def _key_table(batch, heads, q_len, kv_len, gen, device):
     return torch.randn(heads, kv_len, generator=gen).to(device)
 
 
+def _head_temperatures(batch, heads, q_len, kv_len, gen, device):
+    return (torch.rand(heads, generator=gen) * 20 + 5).to(device)
+
+
+def _key_padding(batch, heads, q_len, kv_len, gen, device):
+    pad = torch.zeros(batch, kv_len)
+    pad[0, kv_len // 3:] = -math.inf    # the first sequence's later keys are padding
+    pad[1, :2] = -math.inf
+    return pad.to(device)
+
+
 # Biases that split into a query part and a key part (analysis/separable.py): the loops add
 # only the key part, the query part goes to lse. Rows with nothing kept where kv_len < q_len.
 SEPARABLE = [
     Case("alibi_no_mask", "score + slope[h] * (kv - q)", tensors={"slope": alibi_slopes}),
+    Case("divided_by_head_and_clamped",
+         "score + (q * 0.5 - kv) / T[h] - max(q, 7) * S where q - 3 <= kv <= q + 20",
+         {"S": 0.03}, tensors={"T": _head_temperatures}),
+    Case("constant_and_divided", "score + 2.5 + (kv // C) * 0.1 - q * 0.02 where q >= kv",
+         {"C": 3}),
+]
+# Separable too, but a table indexed by a position may hold -inf (a key-padding bias): these
+# stay whole, and must give exactly what the reference gives.
+WHOLE = [
+    Case("key_padding", "score + pad[b, kv] where q >= kv", tensors={"pad": _key_padding}),
     Case("query_and_key_tables",
          "score + 0.5 * bq[q] - bk[h, kv] + 0.01 * (kv - q) where q - 3 <= kv <= q + 20",
          tensors={"bq": _query_table, "bk": _key_table}),
-    Case("constant_and_divided", "score + 2.5 + (kv // C) * 0.1 - q * 0.02 where q >= kv",
-         {"C": 3}),
 ]
 
 
@@ -122,6 +141,14 @@ def test_separable_biases(case, q_len, kv_len):
     source = render(attn.spec, attn.analysis, attn.derivatives, fast_tanh=False).text
     assert "s2 = qk * qk_scale + col2" in source
     _check(case, q_len, kv_len, torch.float32, seed=q_len + kv_len)
+
+
+@pytest.mark.parametrize("case", WHOLE, ids=lambda c: c.name)
+def test_biases_that_may_be_infinite_stay_whole(case):
+    attn = flexdsl.compile(case.spec, **case.params)
+    source = render(attn.spec, attn.analysis, attn.derivatives, fast_tanh=False).text
+    assert "col2" not in source
+    _check(case, 37, 45, torch.float32, seed=13)
 
 
 def test_separable_bias_unsplit_in_the_dkdv_pass_at_wide_heads():

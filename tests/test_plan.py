@@ -194,9 +194,8 @@ def test_banded_masks_are_windows_that_slide_with_the_row():
 
 @pytest.mark.parametrize("spec, bias", [
     ("score + slope[h] * (kv - q) where q >= kv", "slope[h] * (kv - q)"),
-    ("score - 0.5 * bq[q] + bk[kv]", "-(0.5 * bq[q]) + bk[kv]"),
     ("2.0 + score - kv // C", "2.0 - kv // C"),
-    ("score + log(q + 1.0) * S - kv * S", "log(q + 1.0) * S - kv * S"),
+    ("score + (q * 0.5 - kv) / T[h] - max(q, 7) * S", "(q * 0.5 - kv) / T[h] - max(q, 7) * S"),
 ])
 def test_separable_biases_are_found(spec, bias):
     found = separable_bias(check(spec))
@@ -213,6 +212,11 @@ def test_separable_biases_are_found(spec, bias):
     "score * slope[h] + kv",                  # the score multiplied by a table
     "cap * tanh(score / cap) + kv",           # the score inside a function
     "score + (1.0 if q > kv else 0.0)",       # a condition on both
+    # Separable, but possibly infinite at the anchor the kernels subtract: stay whole.
+    "score + pad[b, kv]",                     # a key-padding table of -inf
+    "score - 0.5 * bq[q] + bk[kv]",
+    "score + log(kv + 1.0)",
+    "score + (0.0 if kv < P else -inf)",
 ])
 def test_biases_that_do_not_separate(spec):
     assert separable_bias(check(spec)) is None

@@ -1,7 +1,8 @@
 """Scores whose bias splits into a query part and a key part: ``score + R(q) + C(kv)``.
 
 ALiBi's ``score + slope[h] * (kv - q)`` is one: its bias is ``slope[h] * kv`` plus
-``-slope[h] * q``. Softmax over the keys of a row ignores whatever is added to the whole row,
+``-slope[h] * q``. Only biases finite by construction split (no lookups indexed by a
+position, no functions that can reach infinity). Softmax over the keys of a row ignores whatever is added to the whole row,
 so the kernels add only the key part inside their loops (one multiply-add per element, as
 for a plain score) and the query part once per row, to the log-sum-exp.
 
@@ -36,6 +37,8 @@ def separable_bias(spec: CheckedSpec) -> SeparableBias | None:
     'slope[h] * (kv - q)'
     >>> separable_bias(check("score - 0.1 * abs(q - kv)")) is None
     True
+    >>> separable_bias(check("score + pad[b, kv]")) is None   # may hold -inf: stays whole
+    True
     """
     terms = _sum_terms(spec.spec.score, 1)
     scores = [sign for node, sign in terms if node == ir.Name(ir.SCORE)]
@@ -48,9 +51,35 @@ def separable_bias(spec: CheckedSpec) -> SeparableBias | None:
             bias = node if sign > 0 else ir.Unary("-", node)
         else:
             bias = ir.Binary("+" if sign > 0 else "-", bias, node)
-    if not _separates(bias, spec):
+    if not _finite(bias) or not _separates(bias, spec):
         return None
     return SeparableBias(bias)
+
+
+def _finite(bias: ir.Expr) -> bool:
+    """Whether ``bias`` is finite wherever its inputs are: built of positions, lengths,
+    parameters, literals and lookups that no position indexes (a head's slope), by +, -, *,
+    division by such values, integer // and %, abs, min, max and clamp. The split subtracts
+    B at the anchor, and an infinite bias there (a key-padding table of -inf, log(kv + 0.0)
+    at kv = 0) would turn every other key's score into inf or nan: such biases stay whole."""
+    for node in ir.walk(bias):
+        if isinstance(node, ir.Lookup):
+            if ir.names(*node.indices) & {"q", "kv"}:
+                return False
+        elif isinstance(node, ir.Binary):
+            if node.op in ("**", "and", "or"):
+                return False
+            if node.op in ("/", "//", "%") and ir.names(node.right) & {"q", "kv"}:
+                return False
+        elif isinstance(node, ir.Call):
+            if node.func not in ("abs", "min", "max", "clamp"):
+                return False
+        elif isinstance(node, ir.Const):
+            if node.name == "inf":
+                return False
+        elif not isinstance(node, (ir.Num, ir.Name, ir.Unary)):
+            return False   # conditionals (which may choose -inf), comparisons
+    return True
 
 
 def _sum_terms(node: ir.Expr, sign: int) -> list[tuple[ir.Expr, int]]:
