@@ -128,8 +128,10 @@ def main():
                              IEEE=args.dtype == "fp32", TMA=config.tma and not args.no_tma)
             if kernel_name == "attention_forward":
                 constants["POS_SCALE"] = True
+            if kernel_name != "attention_backward_dkdv":
+                constants["SPLIT_BIAS"] = args.dtype != "fp32"   # as launch.split_bias
             if kernel_name == "attention_backward_dkdv":
-                constants["SPLIT_BIAS"] = head <= 64   # as launch.py decides
+                constants["SPLIT_BIAS"] = head <= 64 and args.dtype != "fp32"   # as launch.py
             if kernel_name == "attention_backward_dq":
                 constants["TENSOR_GRADS"] = True
                 constants["HAS_DLSE"] = False

@@ -151,6 +151,55 @@ def test_biases_that_may_be_infinite_stay_whole(case):
     _check(case, 37, 45, torch.float32, seed=13)
 
 
+def _gates(batch, heads, q_len, kv_len, gen, device):
+    gate = torch.randn(heads, generator=gen)
+    gate[1] = -math.inf                  # a head switched off
+    return gate.to(device)
+
+
+def _sequence_bias(batch, heads, q_len, kv_len, gen, device):
+    return torch.tensor([0.5, -math.inf]).to(device)
+
+
+@pytest.mark.parametrize("case", [
+    Case("head_gate", "score + gate[h] + 0.01 * (kv - q) where q >= kv", tensors={"gate": _gates}),
+    Case("sequence_bias", "score + seq[b] where q >= kv", tensors={"seq": _sequence_bias}),
+], ids=lambda c: c.name)
+def test_split_biases_infinite_for_a_whole_head_or_sequence(case):
+    # A table read by head or batch may hold -inf: every score of those programs is -inf, and
+    # their rows must come out empty (output 0, lse -inf), not inf - inf.
+    attn = flexdsl.compile(case.spec, **case.params)
+    assert "col2" in render(attn.spec, attn.analysis, attn.derivatives, fast_tanh=False).text
+    _check(case, 37, 45, torch.float32, seed=17)
+
+
+def test_separable_bias_whole_where_launch_does_not_split(monkeypatch):
+    # Float32 inputs on a GPU keep the whole bias in every pass (launch.split_bias).
+    from flexdsl.kernel import launch
+    monkeypatch.setattr(launch, "split_bias", lambda constants: (False, False))
+    _check(SEPARABLE[1], 37, 45, torch.float32, seed=19,
+           options=flexdsl.KernelOptions(backend="triton", dq=Config(16, 16, 1, 1, tma=True)))
+
+
+def test_steep_alibi_slopes_in_wide_tiles_stay_precise():
+    # The split's parts grow with the tile (a slope times half its width): GPU-sized tiles
+    # and steep slopes, in float32, within the float32 tolerance.
+    steep = Case("steep_alibi", "score + slope[h] * (kv - q) where q >= kv",
+                 tensors={"slope": lambda b, h, q, kv, gen, device:
+                          torch.tensor([0.7, 0.35, 0.1, 0.02][:h], device=device)})
+    wide = flexdsl.KernelOptions(backend="triton", **{
+        name: Config(64, 64, 1, 1, tma=True) for name in ("forward", "dq", "dkdv")})
+    _check(steep, 300, 300, torch.float32, dim=32, seed=23, options=wide)
+
+
+def test_division_is_exact_where_compared_or_floored():
+    # A score divides by a per-program value through its reciprocal; masks and floors must
+    # not: in float32 41 * (1 / 41) < 1.
+    for spec, params in [("where kv <= q * kv_len / q_len", {}),
+                         ("score + floor(kv / W) * 2.0 where q >= kv", {"W": 41.0})]:
+        _check(Case("exact_division", spec, params), 41, 82, torch.float32, seed=29)
+
+
 def test_separable_bias_unsplit_in_the_dkdv_pass_at_wide_heads():
     # At head dims above 64 the dk/dv pass adds the whole bias (SPLIT_BIAS off), the other
     # two passes still split it.

@@ -57,11 +57,14 @@ def separable_bias(spec: CheckedSpec) -> SeparableBias | None:
 
 
 def _finite(bias: ir.Expr) -> bool:
-    """Whether ``bias`` is finite wherever its inputs are: built of positions, lengths,
-    parameters, literals and lookups that no position indexes (a head's slope), by +, -, *,
-    division by such values, integer // and %, abs, min, max and clamp. The split subtracts
-    B at the anchor, and an infinite bias there (a key-padding table of -inf, log(kv + 0.0)
-    at kv = 0) would turn every other key's score into inf or nan: such biases stay whole."""
+    """Whether ``bias`` is finite at every position once the values it reads are: built of
+    positions, lengths, parameters, literals and lookups that no position indexes (a head's
+    slope), by +, -, *, division by such values, integer // and %, abs, min, max and clamp.
+    The split subtracts B at the anchor; an infinite bias at some positions only (a
+    key-padding table of -inf, log(kv + 0.0) at kv = 0) would turn the other keys' scores
+    into inf or nan, so such biases stay whole. A lookup by head or batch may still hold
+    -inf (a head switched off): then B is infinite at every position of the program, and
+    the kernels treat its rows as empty (``sep_ok``)."""
     for node in ir.walk(bias):
         if isinstance(node, ir.Lookup):
             if ir.names(*node.indices) & {"q", "kv"}:

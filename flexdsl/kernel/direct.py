@@ -99,6 +99,7 @@ def remember(key, device, kernel, compiled, args, meta) -> None:
     if len(_launchers) > 4096:
         _launchers.clear()
         _quick.clear()
+        _layouts.clear()
     _launchers[(key, device, specialisation(args))] = (
         compiled, tuple(meta[name] for name in names), knobs)
     _layouts[key] = (_getter([i for i, a in enumerate(args) if type(a) is int]),

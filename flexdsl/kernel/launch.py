@@ -103,6 +103,8 @@ class Settings:
     copy_engine: bool          # this device can read through tensor descriptors
     device: int | None         # the CUDA device's index, None on the CPU (interpreter)
     key: int                   # names these settings in launch keys, which must hash fast
+    split_bias: bool           # the forward and dq passes split a separable bias
+    split_bias_dkdv: bool      # ... and the dk/dv pass
 
 
 _settings_made = itertools.count()
@@ -126,8 +128,22 @@ def settings(kernels: CompiledSpec, head_dim: int, dtype: torch.dtype, device: t
     interpret = interpreting()
     constants = dict(D=head_dim, HEAD_DIM=head_dim_padded(head_dim), DOT_F32=interpret,
                      IEEE=dtype == torch.float32 and not interpret)
+    split, split_dkdv = split_bias(constants)
     return Settings(defaults, pointer_forward, constants, _copy_engine_for(head_dim, device),
-                    device.index if device.type == "cuda" else None, next(_settings_made))
+                    device.index if device.type == "cuda" else None, next(_settings_made),
+                    split, split_dkdv)
+
+
+def split_bias(constants: dict) -> tuple[bool, bool]:
+    """Whether the forward and dq passes, and the dk/dv pass, split a separable bias
+    (analysis/separable.py). Not for float32 inputs on a GPU: the parts, up to a tile's
+    width of bias each, cost float32 about ten times its rounding near the diagonal (16-bit
+    inputs round far more); under the interpreter they split, so that the tests run it. The
+    dk/dv pass splits at head dims up to 64 only: at D=128 its per-step terms spilled
+    registers (ALiBi backward on the H200 1.252 ms split against 1.207 whole; at D=64 0.780
+    against 0.805)."""
+    split = not constants["IEEE"]
+    return split, split and constants["HEAD_DIM"] <= 64
 
 
 _fitted: dict[tuple, Config] = {}
@@ -325,7 +341,8 @@ def forward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, call: Call,
                (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                 q_len, kv_len, heads, heads // kv_heads, call.scale, exact_q, *args),
                config, "block_n", (settings.key, 0, tma, pos_scale), settings.device,
-               dict(POS_SCALE=pos_scale, TMA=tma, **settings.constants))
+               dict(POS_SCALE=pos_scale, TMA=tma, SPLIT_BIAS=settings.split_bias,
+                    **settings.constants))
     return out, lse
 
 
@@ -377,14 +394,13 @@ def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, g
                 *dq.stride(), q_len, kv_len, heads, group, call.scale, exact_q, *args, *grad_args),
                dq_config, "block_n", (settings.key, 1, dq_tma, tensor_grads, has_dlse),
                settings.device, dict(TENSOR_GRADS=tensor_grads, TMA=dq_tma, HAS_DLSE=has_dlse,
-                                     **settings.constants))
+                                     SPLIT_BIAS=settings.split_bias, **settings.constants))
     run_fitted(kernels.module.attention_backward_dkdv,
                (triton_cdiv(kv_len, dkdv_config.block_n), batch * kv_heads),
                (q, k, v, grad_out, lse2, delta, dk, dv, *common, *dk.stride(), *dv.stride(),
                 q_len, kv_len, heads, group, call.scale, exact_k, *args),
                dkdv_config, "block_m", (settings.key, 2, dkdv_tma), settings.device,
-               dict(TMA=dkdv_tma, SPLIT_BIAS=settings.constants["HEAD_DIM"] <= 64,
-                    **settings.constants))
+               dict(TMA=dkdv_tma, SPLIT_BIAS=settings.split_bias_dkdv, **settings.constants))
     return dq, dk, dv, grads
 
 

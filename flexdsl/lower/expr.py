@@ -9,6 +9,7 @@ templates define (``_fdiv_prepared``, ``_fdiv_s``, ``_fdiv``, ``_tanh``...).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 from .. import ir
@@ -57,6 +58,10 @@ class Lowering:
     valid: dict[str, str] = field(default_factory=dict)
     tensors_used: set[str] = field(default_factory=set)
     divisors: dict[str, Divisor] | None = None
+    # Division by a value fixed per program as a multiply by its reciprocal: for scores only,
+    # and never where the quotient is compared or floored (41 * (1 / 41) < 1 in fp32).
+    reciprocal: bool = False
+    _exact: int = field(default=0, init=False, repr=False)   # depth inside compares, floors
 
     def expr(self, node: ir.Expr) -> str:
         return getattr(self, "_" + type(node).__name__)(node)
@@ -119,7 +124,7 @@ class Lowering:
         if op in ("and", "or"):
             return f"({self.expr(node.left)} {'&' if op == 'and' else '|'} {self.expr(node.right)})"
         if op == "/":
-            if _uniform(node.right):
+            if self.reciprocal and not self._exact and _uniform(node.right):
                 # One reciprocal for the program, then a multiply per element: a division
                 # per element is a reciprocal on the unit that also computes exp2 and tanh.
                 return f"({self.floating(node.left)} * (1.0 / {self.floating(node.right)}))"
@@ -153,6 +158,10 @@ class Lowering:
         return f"({self._as(node.left, dtype)} {op} {self._as(node.right, dtype)})"
 
     def _Compare(self, node: ir.Compare) -> str:
+        with self._exactly():
+            return self._compare(node)
+
+    def _compare(self, node: ir.Compare) -> str:
         kinds = [self.type_of(o) for o in node.operands]
         dtype = FLOAT if FLOAT in kinds else INT
         values = [self._as(o, dtype) for o in node.operands]
@@ -164,9 +173,8 @@ class Lowering:
         if f in _FLOAT_CALLS:
             return f"{_FLOAT_CALLS[f]}({self.floating(node.args[0])})"
         if f in ("floor", "ceil"):
-            if self.type_of(node.args[0]) != FLOAT:
-                return self.expr(node.args[0])
-            return f"tl.{f}({self.expr(node.args[0])}).to(tl.int32)"
+            with self._exactly():
+                return self._rounding(node)
         dtype = self.type_of(node)
         args = [self._as(a, dtype) for a in node.args]
         if f == "abs":
@@ -178,6 +186,20 @@ class Lowering:
         for a in args[1:]:
             out = f"{combine}({out}, {a})"
         return out
+
+    def _rounding(self, node: ir.Call) -> str:
+        f = node.func
+        if self.type_of(node.args[0]) != FLOAT:
+            return self.expr(node.args[0])
+        return f"tl.{f}({self.expr(node.args[0])}).to(tl.int32)"
+
+    @contextlib.contextmanager
+    def _exactly(self):
+        self._exact += 1
+        try:
+            yield
+        finally:
+            self._exact -= 1
 
     def _IfElse(self, node: ir.IfElse) -> str:
         dtype = self.type_of(node)

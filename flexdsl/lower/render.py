@@ -74,7 +74,7 @@ def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivati
     no_specialize = [a for a in no_specialize if not _is_pointer(a, tensors)]
 
     tile = Lowering(type_of, {"q": "q_idx", "kv": "kv_idx", "b": "b", "h": "h"},
-                    {"q": "q_ok", "kv": "kv_ok"}, divisors={})
+                    {"q": "q_ok", "kv": "kv_ok"}, divisors={}, reciprocal=True)
     score_code = _score_code(spec, tile)
     separable = separable_bias(spec)
     split = _split_bias(separable.bias, type_of, tile.divisors) if separable else None
@@ -100,11 +100,14 @@ def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivati
                                    "docs_exact_q", indent=4),
         "DIVISORS": _prepare(divisors, indent=4),
         "FWD_BODY": _forward_body(score_code, mask, split),
-        "FWD_SCORE_SETUP": _split_setup(split, "start_m * BLOCK_M", corner=True),
-        "FWD_LSE_ROWS": f"    lse = lse + {split.row}" if split else "",
-        "DQ_SCORE_SETUP": _split_setup(split, "start_m * BLOCK_M", corner=True) + (
-            f"\n    lse2_rows = lse2 - ({split.row}) * _LOG2E" if split else ""),
-        "DKDV_SCORE_SETUP": _split_setup(split, "start_n * BLOCK_N", corner=False),
+        "FWD_SCORE_SETUP": _split_setup(split, "start_m * BLOCK_M + BLOCK_M // 2"),
+        "FWD_LSE_ROWS": textwrap.indent(
+            f"if SPLIT_BIAS:\n    lse = lse + tl.where(sep_ok, {split.row}, 0.0)",
+            " " * 4) if split else "",
+        "DQ_SCORE_SETUP": _split_setup(split, "start_m * BLOCK_M + BLOCK_M // 2", textwrap.indent(
+            f"if SPLIT_BIAS:\n    lse2_rows = lse2 - tl.where(sep_ok, {split.row}, 0.0) * _LOG2E"
+            "\nelse:\n    lse2_rows = lse2", " " * 4) if split else ""),
+        "DKDV_SCORE_SETUP": _split_setup(split, "start_n * BLOCK_N + BLOCK_N // 2", per_step=True),
         "DQ_BODY": dq_body,
         "DQ_GRADIENTS_INIT": dq_gradients_init,
         "DQ_GRADIENTS_FINAL": dq_gradients_final,
@@ -240,37 +243,46 @@ class _SplitBias:
 def _split_bias(bias: ir.Expr, type_of, divisors: dict) -> _SplitBias:
     def lower(q: str, kv: str, valid: dict) -> str:
         return Lowering(type_of, {"q": q, "kv": kv, "b": "b", "h": "h"}, valid,
-                        divisors=divisors).floating(bias)
+                        divisors=divisors, reciprocal=True).floating(bias)
     return _SplitBias(col=lower("sep_a", "kv_idx", {"kv": "kv_ok"}),
                       row=lower("q_rows", "sep_a", {"q": "row_ok"}),
                       row_t=lower("q_rows_t", "sep_a", {"q": "(q_rows_t < q_len)"}),
                       corner=lower("sep_a", "sep_a", {}))
 
 
-def _split_setup(split: _SplitBias | None, anchor: str, corner: bool) -> str:
-    """The anchor (and, where the program's head is fixed, B at the anchor) before a loop."""
+def _split_setup(split: _SplitBias | None, anchor: str, after: str = "",
+                 per_step: bool = False) -> str:
+    """Before a loop: the anchor, the middle of the program's tile, and (unless the head
+    changes from step to step, ``per_step``) B there and whether it is finite."""
     if split is None:
         return ""
     lines = [f"    sep_a = {anchor}"]
-    if corner:
-        lines.append(f"    sep_aa = {split.corner}")
-    return "\n".join(lines)
+    if not per_step:
+        lines += _corner(split, "    ")
+    return "\n".join(lines + ([after] if after else []))
+
+
+def _corner(split: _SplitBias, indent: str) -> list[str]:
+    # B at the anchor is infinite only where a table the bias reads by head or batch is (a
+    # head switched off with -inf): then every score of the program is, and its rows are
+    # empty; sep_ok keeps inf - inf out of them.
+    return [f"{indent}sep_aa = {split.corner}", f"{indent}sep_ok = sep_aa - sep_aa == 0.0"]
 
 
 def _scaled_score(product: str, score_code: str, split: _SplitBias | None,
-                  switch: str | None = None) -> list[str]:
-    """Lines that leave the score expression in base-2 units in ``s2``. With ``switch``, a
-    constexpr, a separable bias is split only where it is true."""
+                  first: tuple[str, ...] = ()) -> list[str]:
+    """Lines that leave the score expression in base-2 units in ``s2``. A separable bias is
+    split where the constexpr SPLIT_BIAS is true (launch.py), after the lines ``first``."""
     if score_code == "s_mod = score":
         return [f"s2 = {product} * qk_scale"]  # one multiply: the scale folded into log2(e)
     whole = [f"score = {product} * sm_scale", score_code, "s2 = s_mod * _LOG2E"]
     if split is None:
         return whole
     # One multiply-add per element, as for a plain score; the rows' part is in lse.
-    parts = [f"col2 = ({split.col} - sep_aa) * _LOG2E", f"s2 = {product} * qk_scale + col2"]
-    if switch is None:
-        return parts
-    return [f"if {switch}:", *("    " + line for line in parts),
+    parts = [*first,
+             f"col2 = tl.where(sep_ok, ({split.col} - sep_aa) * _LOG2E, -float(\"inf\"))",
+             f"s2 = {product} * qk_scale + col2"]
+    return ["if SPLIT_BIAS:", *("    " + line for line in parts),
             "else:", *("    " + line for line in whole)]
 
 
@@ -435,7 +447,7 @@ def _diagonal_gradient(g: TensorGradient, value: str, tile: Lowering) -> list[st
 
 def _recompute(product: str, score_code: str, mask: str, rows: str, dp: str,
                d_score: str | None, split: _SplitBias | None, lse2: str = "lse2",
-               switch: str | None = None, after_p: tuple[str, ...] = (),
+               first: tuple[str, ...] = (), after_p: tuple[str, ...] = (),
                after_ds: tuple[str, ...] = ()) -> list[str]:
     """The backward's shared middle: scores again, P from the saved log-sum-exp, and
     dscore = P * (dP - delta) * d(score expression)/d(score). ``rows`` broadcasts a per-query
@@ -443,7 +455,7 @@ def _recompute(product: str, score_code: str, mask: str, rows: str, dp: str,
     ``mask``; there P is 0 where the mask is false, so dscore is too. ``lse2`` names the
     rows' log-sum-exp in base 2 (less their part of a separable bias)."""
     lines = [
-        *_scaled_score(product, score_code, split, switch),
+        *_scaled_score(product, score_code, split, first),
         "if masked:",
         f"    s2 = tl.where({mask}, s2, -float(\"inf\"))",
         f"p = tl.exp2(s2 - {lse2}{rows})",
@@ -555,11 +567,11 @@ def _dkdv_body(score_code, mask, d_score, split: _SplitBias | None) -> str:
         # A separable bias, split where SPLIT_BIAS says (launch.py: it spills registers at
         # D=128): B at the anchor (the head may change from step to step) and the query rows'
         # part taken out of their log-sum-exp.
-        *(["if SPLIT_BIAS:", f"    sep_aa = {split.corner}",
-           f"    lse2 = lse2 - ({split.row_t}) * _LOG2E"] if split else []),
         *_recompute(_dot("k", "q_t"), score_code, f"{mask} & q_ok",
                     "[None, :]", _dot("v", "tl.trans(do)"), d_score, split,
-                    switch="SPLIT_BIAS",
+                    first=(*_corner(split, ""),
+                           f"lse2 = lse2 - tl.where(sep_ok, {split.row_t}, 0.0) * _LOG2E")
+                    if split else (),
                     after_p=(f"dv = {_dot('p.to(do.dtype)', 'do', 'dv')}",)),
         f"dk = {_dot('dscore.to(q_t.dtype)', 'tl.trans(q_t)', 'dk')}",
     ]
