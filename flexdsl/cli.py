@@ -64,8 +64,26 @@ def cmd_check(args) -> int:
         print(f"  index     {line.describe()}")
     if params:
         print("bound: " + ", ".join(f"{k}={v}" for k, v in params.items()))
+    _print_score(attention)
     _print_bounds(attention, params)
     return 0
+
+
+def _print_score(attention) -> None:
+    """How the kernels treat a score expression other than the plain score."""
+    from .analysis.separable import separable_bias
+    spec = attention.spec
+    if spec.spec.score == ir.Name(ir.SCORE):
+        return
+    split = separable_bias(spec)
+    if split is not None:
+        print(f"score: the bias {ir.unparse(split.bias)} splits into a query part and a key "
+              "part: the kernels add the key part per element and the query part to lse")
+        return
+    derivatives = attention.derivatives
+    if not derivatives.identity:
+        print(f"score: d/d score = {ir.unparse(derivatives.d_score)} (the backward scales dP "
+              "by it)")
 
 
 def _print_bounds(attention, params) -> None:

@@ -34,6 +34,17 @@ def test_index_ranges_are_printed(capsys):
             "needs size >= kv_len + q_len") in out.splitlines()
 
 
+def test_the_score_treatment_is_printed(capsys):
+    _, out, _ = run(capsys, "check", ISSUE_SPEC)
+    assert ("score: the bias slope[h] * (kv - q) splits into a query part and a key part: the "
+            "kernels add the key part per element and the query part to lse") in out.splitlines()
+    _, out, _ = run(capsys, "check", "cap * tanh(score / cap) where q >= kv")
+    assert "score: d/d score = 1 - tanh(score / cap) ** 2 (the backward scales dP by it)" \
+        in out.splitlines()
+    _, out, _ = run(capsys, "check", "score + pad[b, kv]")   # may hold -inf: not split
+    assert not any(line.startswith("score:") for line in out.splitlines())
+
+
 def test_parameters_are_typed_and_bound(capsys):
     code, out, _ = run(capsys, "check", "cap * tanh(score / cap) where 0 <= q - kv < W",
                        "-p", "W=128", "--param", "cap=30")
