@@ -18,7 +18,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import flexdsl  # noqa: E402
 from flexdsl.kernel import compile as kernel_compile  # noqa: E402
-from flexdsl.kernel.launch import Config, default_configs  # noqa: E402
+from flexdsl.kernel.launch import Config, default_configs, split_bias  # noqa: E402
 
 POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 FLOAT32_POINTERS = {"LSE", "LSE2", "DELTA", "DLSE"}
@@ -128,10 +128,9 @@ def main():
                              IEEE=args.dtype == "fp32", TMA=config.tma and not args.no_tma)
             if kernel_name == "attention_forward":
                 constants["POS_SCALE"] = True
-            if kernel_name != "attention_backward_dkdv":
-                constants["SPLIT_BIAS"] = args.dtype != "fp32"   # as launch.split_bias
-            if kernel_name == "attention_backward_dkdv":
-                constants["SPLIT_BIAS"] = head <= 64 and args.dtype != "fp32"   # as launch.py
+            split, split_dkdv = split_bias(constants)
+            constants["SPLIT_BIAS"] = split_dkdv if kernel_name == "attention_backward_dkdv" \
+                else split
             if kernel_name == "attention_backward_dq":
                 constants["TENSOR_GRADS"] = True
                 constants["HAS_DLSE"] = False

@@ -2,14 +2,15 @@
 
 ALiBi's ``score + slope[h] * (kv - q)`` is one: its bias is ``slope[h] * kv`` plus
 ``-slope[h] * q``. Only biases finite by construction split (no lookups indexed by a
-position, no functions that can reach infinity). Softmax over the keys of a row ignores whatever is added to the whole row,
-so the kernels add only the key part inside their loops (one multiply-add per element, as
-for a plain score) and the query part once per row, to the log-sum-exp.
+position, no functions that can reach infinity). Softmax over the keys of a row ignores
+whatever is added to the whole row, so the kernels add only the key part inside their loops
+(one multiply-add per element, as for a plain score) and the query part once per row, to the
+log-sum-exp.
 
 No split is written down: for any position ``a``, a separable bias obeys
 ``B(q, kv) = B(q, a) + B(a, kv) - B(a, a)``, so the kernels evaluate the user's own
-expression with one position fixed at an anchor near their tile (which keeps each part as
-small as the bias itself there, for float precision).
+expression with one position fixed at an anchor, the middle of their tile (which keeps each
+part within half a tile's width of bias, for float precision).
 """
 from __future__ import annotations
 

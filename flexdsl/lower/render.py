@@ -230,7 +230,7 @@ def _derived_tensors(analysis: MaskAnalysis) -> list[TensorParam]:
 @dataclass(frozen=True)
 class _SplitBias:
     """A separable bias B (``analysis/separable.py``) lowered with one position at the anchor
-    ``sep_a``, a position near the program's tile: ``col`` is B(sep_a, kv) over the tile's
+    ``sep_a``, the middle of the program's tile: ``col`` is B(sep_a, kv) over the tile's
     keys, ``row`` B(q, sep_a) over the forward's and dq pass's query rows, ``row_t`` the same
     over the dk/dv pass's query tile, ``corner`` B(sep_a, sep_a). Inside the loops a tile adds
     col - corner; row goes to the log-sum-exp, which softmax does not otherwise see."""
@@ -241,13 +241,13 @@ class _SplitBias:
 
 
 def _split_bias(bias: ir.Expr, type_of, divisors: dict) -> _SplitBias:
-    def lower(q: str, kv: str, valid: dict) -> str:
-        return Lowering(type_of, {"q": q, "kv": kv, "b": "b", "h": "h"}, valid,
+    # A split bias reads no table by position (separable._finite), so no load needs a mask
+    # for padding rows or columns.
+    def lower(q: str, kv: str) -> str:
+        return Lowering(type_of, {"q": q, "kv": kv, "b": "b", "h": "h"},
                         divisors=divisors, reciprocal=True).floating(bias)
-    return _SplitBias(col=lower("sep_a", "kv_idx", {"kv": "kv_ok"}),
-                      row=lower("q_rows", "sep_a", {"q": "row_ok"}),
-                      row_t=lower("q_rows_t", "sep_a", {"q": "(q_rows_t < q_len)"}),
-                      corner=lower("sep_a", "sep_a", {}))
+    return _SplitBias(col=lower("sep_a", "kv_idx"), row=lower("q_rows", "sep_a"),
+                      row_t=lower("q_rows_t", "sep_a"), corner=lower("sep_a", "sep_a"))
 
 
 def _split_setup(split: _SplitBias | None, anchor: str, after: str = "",
