@@ -18,6 +18,8 @@ from .errors import SpecTypeError
 from .grammar import parse
 
 INT, FLOAT, BOOL = "int", "float", "bool"
+# Keywords of a compiled spec's call, beside which its parameters and tensors are passed.
+CALL_KEYWORDS = {"scale": "softmax scale", "return_lse": "switch for the log-sum-exp"}
 
 
 @dataclass(frozen=True)
@@ -298,6 +300,7 @@ class _Checker:
 
     def judge_free_name(self, node, name: str) -> None:
         """Single lowercase letters are reserved for positions; near misses are typos."""
+        self.judge_call_argument(name, node.span)
         if len(name) == 1 and name.islower() and name not in ir.POSITIONS:
             near = {"k": "kv", "v": "kv", "i": "q", "j": "kv", "n": "kv", "m": "q",
                     "s": "score", "x": "h"}.get(name)
@@ -312,8 +315,19 @@ class _Checker:
                                 hint=f"did you mean '{near}'? (a parameter must not look so "
                                      f"much like a built-in name)")
 
+    @staticmethod
+    def judge_call_argument(name: str, span) -> None:
+        """Parameters and tensors are passed by name to a call, beside its own keywords."""
+        if name in CALL_KEYWORDS:
+            raise SpecTypeError(f"'{name}' is an argument of every call (the "
+                                f"{CALL_KEYWORDS[name]}), so it cannot name a "
+                                "parameter or tensor of the spec", span=span,
+                                hint="give it another name (the call's own keywords are "
+                                     + " and ".join(CALL_KEYWORDS) + ")")
+
     def visit_Lookup(self, node: ir.Lookup) -> _Type:
         name = node.tensor
+        self.judge_call_argument(name, node.name_span)
         if name in ir.RESERVED:
             raise SpecTypeError(f"'{name}' is not a tensor and cannot be indexed",
                                 span=node.name_span,

@@ -128,6 +128,8 @@ def test_syntax_and_type_errors_are_told_apart():
     ("score + kv_len[h]", "'kv_len' is not a tensor and cannot be indexed", 8),
     ("score + score[h]", "'score' is not a tensor and cannot be indexed", 8),
     ("score + t[q]", "'t' cannot name a tensor", 8),
+    ("score * scale", "'scale' is an argument of every call", 8),
+    ("score + return_lse[h]", "'return_lse' is an argument of every call", 8),
     ("score * W where q < W // 2", "a float is used with '//'", 20),
     ("score + 2.5 % q", "a float is used with '%'", 8),
     ("score + bias[h] where bias[q] % 2 == 0", "a float is used with '%'", 22),
