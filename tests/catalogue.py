@@ -68,6 +68,39 @@ CATALOGUE = [
 BY_NAME = {case.name: case for case in CATALOGUE}
 
 
+def _buckets(batch, heads, q_len, kv_len, gen, device):
+    # A bucket per distance (q - kv + kv_len), coarser far away, as T5's: an int table.
+    distance = torch.arange(q_len + kv_len) - kv_len
+    bucket = distance.sign() * torch.log2(distance.abs() + 1.0).floor() + 8
+    return bucket.clamp(0, 16).long().to(device)
+
+
+def _bucket_bias(batch, heads, q_len, kv_len, gen, device):
+    return torch.randn(heads, 17, generator=gen).to(device)
+
+
+def _clamped_table(batch, heads, q_len, kv_len, gen, device):
+    return torch.randn(heads, 17, generator=gen).to(device)
+
+
+def _gains(batch, heads, q_len, kv_len, gen, device):
+    return (torch.rand(q_len + kv_len, generator=gen) + 0.5).to(device)
+
+
+# Terms read along the tile's diagonals (analysis/diagonal.py): once per difference q - kv of
+# a tile, then spread over it by a gather. Rows with nothing kept where kv <= q - 3.
+DIAGONAL = [
+    Case("t5_buckets", "score + rel_bias[h, bucket[q - kv + kv_len]]",
+         tensors={"bucket": _buckets, "rel_bias": _bucket_bias}),
+    Case("clamped_distance", "score + bias[h, clamp(q - kv, -8, 8) + 8] where kv <= q - 3",
+         tensors={"bias": _clamped_table}),
+    Case("scaled_score", "score * gain[q - kv + kv_len] where abs(q - kv) <= W", {"W": 20},
+         tensors={"gain": _gains}),
+    Case("conditional", "score + (bias[h, q - kv + kv_len] if q >= kv else 0.5)",
+         tensors={"bias": bias_table}),
+]
+
+
 def compiled_step_matches_eager(attn, *, heads: int, length: int, device="cpu",
                                 dtype=torch.float32, tolerance=None) -> None:
     """A model step (projection, attention with a learnable slope, loss) under

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import flexdsl
-from catalogue import CATALOGUE, Case, compiled_step_matches_eager
+from catalogue import CATALOGUE, DIAGONAL, Case, compiled_step_matches_eager
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -44,6 +44,17 @@ def _run(attn, q, k, v, tensors, grad, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", CATALOGUE, ids=lambda c: c.name)
 def test_three_way(case: Case, dtype, head_dim):
+    _three_way(case, dtype, head_dim)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("case", DIAGONAL, ids=lambda c: c.name)
+def test_three_way_diagonal_terms(case: Case, head_dim):
+    # Tables read along the tile's diagonals, at the GPU's tile sizes (analysis/diagonal.py).
+    _three_way(case, torch.bfloat16, head_dim)
+
+
+def _three_way(case: Case, dtype, head_dim):
     attn = flexdsl.compile(case.spec, **case.params)
     gen = torch.Generator().manual_seed(0)
     for q_len, kv_len in LENGTHS:

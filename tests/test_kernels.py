@@ -15,7 +15,8 @@ from flexdsl.kernel import compile as kernel_compile
 from flexdsl.kernel.launch import Config, tma_ready
 from flexdsl.lower import render
 
-from catalogue import BY_NAME, CATALOGUE, Case, alibi_slopes, compiled_step_matches_eager
+from catalogue import (BY_NAME, CATALOGUE, DIAGONAL, Case, alibi_slopes,
+                       compiled_step_matches_eager)
 
 pytestmark = pytest.mark.skipif(not kernel_compile.interpreting() and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 or a GPU")
@@ -212,6 +213,25 @@ def test_separable_bias_in_half_precision_at_long_distances():
     _check(BY_NAME["alibi"], 300, 300, torch.float16, heads=2, kv_heads=1, batch=1, seed=5)
 
 
+@pytest.mark.parametrize("q_len, kv_len", [(37, 45), (17, 100), (45, 20)])
+@pytest.mark.parametrize("case", DIAGONAL, ids=lambda c: c.name)
+def test_terms_read_along_diagonals(case, q_len, kv_len):
+    attn = flexdsl.compile(case.spec, **case.params)
+    source = render(attn.spec, attn.analysis, attn.derivatives, fast_tanh=False).text
+    assert source.count("win0 = tl.gather(") == 3     # forward, dq and dk/dv
+    _check(case, q_len, kv_len, torch.float32, seed=q_len + 2 * kv_len)
+
+
+@pytest.mark.parametrize("tiles", [(16, 32), (32, 16)])
+def test_diagonal_windows_of_oblong_tiles(tiles):
+    # The window spans BLOCK_M + BLOCK_N - 1 differences, padded to a power of two.
+    m, n = tiles
+    options = flexdsl.KernelOptions(backend="triton", forward=Config(m, n, 1, 1, tma=True),
+                                    dq=Config(m, n, 1, 1, tma=True),
+                                    dkdv=Config(n, m, 1, 1, tma=True))
+    _check(BY_NAME["relative_bias"], 70, 53, torch.float32, seed=31, options=options)
+
+
 # The interpreter's default tiles read through tensor descriptors; these take the pointer path.
 POINTERS = flexdsl.KernelOptions(backend="triton", **{
     name: Config(16, 16, 1, 1, tma=False) for name in ("forward", "dq", "dkdv")})
@@ -248,8 +268,8 @@ def test_descriptors_only_where_the_copy_engine_can_read():
 def test_default_tiles_follow_the_kind_of_spec():
     # The GPU defaults (benchmarks/tune.py): dense forwards take 128x128 tiles through
     # descriptors, windows and documents narrower forward and dq tiles, a soft-capped score or
-    # a division of q - kv 32-query dk/dv steps, and at D=64 masks that divide positions keep
-    # 64-query steps.
+    # a division of q - kv 32-query dk/dv steps, at D=64 masks that divide positions keep
+    # 64-query steps, and tables read along the diagonals 128x64 forward tiles.
     from flexdsl.kernel.launch import _gpu_configs
 
     def configs(text, head_dim):
@@ -267,12 +287,15 @@ def test_default_tiles_follow_the_kind_of_spec():
         (64, False, 64)
     assert configs("cap * tanh(score / cap) where q >= kv", 128).dkdv.block_m == 32
     neighbourhood = "where abs(q // X - kv // X) <= R and abs(q % X - kv % X) <= R"
-    assert configs("where abs(q - kv) <= W and (q - kv) % D == 0", 128).dkdv.block_m == 32
+    dilated = configs("where abs(q - kv) <= W and (q - kv) % D == 0", 128)
+    assert (dilated.forward.block_m, dilated.dq.block_m, dilated.dkdv.block_m) == (64, 64, 32)
     assert configs(neighbourhood, 128).dkdv.block_m == 64
     assert configs("where q >= kv", 64).dkdv == Config(32, 64, 4, 2, tma=True)
     assert configs(neighbourhood, 64).dkdv == Config(64, 64, 4, 2)
     assert configs("where 0 <= q - kv < W", 64).forward.block_m == 64
     assert configs("where q >= kv", 64).forward.block_m == 128
+    assert configs("score + bias[h, q - kv + kv_len]", 128).forward == Config(128, 64, 8, 3,
+                                                                              tma=True)
 
 
 def test_wide_forward_tiles_narrow_without_descriptors(monkeypatch):

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import flexdsl
 from flexdsl import ir
+from flexdsl.analysis.diagonal import diagonal_terms
 from flexdsl.analysis.separable import separable_bias
 from flexdsl.analysis.plan import EMPTY, FULL, brute_force_tiles, plan
 from flexdsl.check import check
@@ -220,3 +221,36 @@ def test_separable_biases_are_found(spec, bias):
 ])
 def test_biases_that_do_not_separate(spec):
     assert separable_bias(check(spec)) is None
+
+
+@pytest.mark.parametrize("spec, terms", [
+    ("score + bias[h, q - kv + kv_len]", ["bias[h, q - kv + kv_len]"]),
+    # T5: the bucket table and the bias table read through it, as one term
+    ("score + rel_bias[h, bucket[q - kv + kv_len]]", ["rel_bias[h, bucket[q - kv + kv_len]]"]),
+    ("score + bias[h, clamp(q - kv, -8, 8) + 8] where q >= kv",
+     ["bias[h, clamp(q - kv, -8, 8) + 8]"]),
+    ("score + tab[2 * q - 2 * kv + 100] * slope[h]", ["tab[2 * q - 2 * kv + 100] * slope[h]"]),
+    ("score + (bias[h, q - kv + kv_len] if q >= kv else 0.0)",
+     ["bias[h, q - kv + kv_len] if q >= kv else 0.0"]),
+    # the condition reads documents: only the table read qualifies
+    ("score + (bias[h, q - kv + kv_len] if doc[q] == doc[kv] else 0.0)",
+     ["bias[h, q - kv + kv_len]"]),
+    # the score is one value per element: the table beside it qualifies, not the product
+    ("score * gain[q - kv + 64] + 0.1 * (q - kv)", ["gain[q - kv + 64]"]),
+    ("score + bias[h, q - kv + kv_len] * score", ["bias[h, q - kv + kv_len]"]),
+    ("score + tab[(q - kv) // 4 + 100] - tab[(q - kv) // 4 + 100]", ["tab[(q - kv) // 4 + 100]"]),
+])
+def test_terms_read_along_diagonals(spec, terms):
+    assert [ir.unparse(t) for t in diagonal_terms(check(spec))] == terms
+
+
+@pytest.mark.parametrize("spec", [
+    "where q >= kv",
+    "score + slope[h] * (kv - q)",            # no table read by position: arithmetic is cheaper
+    "score - 0.1 * abs(q - kv)",
+    "score + bias[h, q + kv]",                # sums of positions run along anti-diagonals
+    "score + tab[q // 4 - kv // 4 + 100]",    # not a function of q - kv
+    "score + pad[b, kv]",
+])
+def test_terms_not_read_along_diagonals(spec):
+    assert diagonal_terms(check(spec)) == ()

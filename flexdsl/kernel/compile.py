@@ -19,6 +19,7 @@ from types import ModuleType
 from .. import ir
 from ..analysis.bounds import banded
 from ..analysis.derivatives import ScoreDerivatives
+from ..analysis.diagonal import diagonal_terms
 from ..analysis.plan import MaskAnalysis
 from ..check import CheckedSpec
 from ..lower import KernelSource, render
@@ -32,6 +33,7 @@ class KernelTraits:
     divides: bool = False          # the mask divides positions (// or %)
     divides_pairs: bool = False    # ... an expression of both q and kv: per tile element
     nonlinear_score: bool = False  # dS needs d score_expr / d score: one more tile live
+    diagonal: bool = False         # the score reads a table along the diagonals: a gather
 
     @classmethod
     def of(cls, spec: CheckedSpec, analysis: MaskAnalysis,
@@ -42,7 +44,8 @@ class KernelTraits:
         return cls(banded=banded(analysis.by_query, spec), documents=analysis.has_documents,
                    divides=bool(divisions),
                    divides_pairs=any({"q", "kv"} <= ir.names(n.left) for n in divisions),
-                   nonlinear_score=not derivatives.identity)
+                   nonlinear_score=not derivatives.identity,
+                   diagonal=bool(diagonal_terms(spec)))
 
 
 @dataclass(frozen=True)

@@ -61,9 +61,14 @@ class Lowering:
     # Division by a value fixed per program as a multiply by its reciprocal: for scores only,
     # and never where the quotient is compared or floored (41 * (1 / 41) < 1 in fp32).
     reciprocal: bool = False
+    # Nodes already computed under a name (a table read along the tile's diagonals,
+    # analysis/diagonal.py): the text is that name.
+    computed: dict[ir.Expr, str] = field(default_factory=dict)
     _exact: int = field(default=0, init=False, repr=False)   # depth inside compares, floors
 
     def expr(self, node: ir.Expr) -> str:
+        if self.computed and node in self.computed:
+            return self.computed[node]
         return getattr(self, "_" + type(node).__name__)(node)
 
     def floating(self, node: ir.Expr) -> str:

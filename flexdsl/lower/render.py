@@ -15,9 +15,10 @@ from importlib import resources
 from .. import ir
 from ..analysis.bounds import Solved, work_trend
 from ..analysis.derivatives import ScoreDerivatives, TensorGradient
+from ..analysis.diagonal import diagonal_terms
 from ..analysis.plan import MaskAnalysis
 from ..analysis.separable import separable_bias
-from ..check import INT, CheckedSpec, Signature, TensorParam, Typer
+from ..check import BOOL, INT, CheckedSpec, Signature, TensorParam, Typer
 from .expr import Divisor, Lowering, param_name, tensor_name
 
 _TANH_PORTABLE = """\
@@ -73,15 +74,20 @@ def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivati
                      *(a for a in args if not a.startswith("t_") or "_n" in a[2:])]
     no_specialize = [a for a in no_specialize if not _is_pointer(a, tensors)]
 
+    diagonals = diagonal_terms(spec)
     tile = Lowering(type_of, {"q": "q_idx", "kv": "kv_idx", "b": "b", "h": "h"},
-                    {"q": "q_ok", "kv": "kv_ok"}, divisors={}, reciprocal=True)
+                    {"q": "q_ok", "kv": "kv_ok"}, divisors={}, reciprocal=True,
+                    computed={term: _Window.name(i, type_of(term))
+                              for i, term in enumerate(diagonals)})
     score_code = _score_code(spec, tile)
+    window = _Window(diagonals, Lowering(type_of, {"q": "win_d", "kv": "0", "b": "b", "h": "h"},
+                                         divisors=tile.divisors, reciprocal=True))
     separable = separable_bias(spec)
     split = _split_bias(separable.bias, type_of, tile.divisors) if separable else None
     # Masked tiles always check the lengths; the spec's own mask joins in where it has one.
     mask = "kv_ok" if spec.spec.mask is None else f"({tile.expr(spec.spec.mask)}) & kv_ok"
     d_score = None if derivatives.identity else tile.floating(derivatives.d_score)
-    dq_body = _dq_body(score_code, mask, d_score, gradients, tile, split)
+    dq_body = _dq_body(score_code, mask, d_score, gradients, tile, split, window)
     dq_gradients_init, dq_gradients_final = _row_gradient_code(gradients, tile)
     # Every expression of the loops is lowered by now: their divisors are known.
     divisors = list(tile.divisors.values())
@@ -99,19 +105,22 @@ def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivati
         "FWD_BOUNDS": _bounds_code(analysis.by_query, type_of, "q_idx_rows", "kv_len",
                                    "docs_exact_q", indent=4),
         "DIVISORS": _prepare(divisors, indent=4),
-        "FWD_BODY": _forward_body(score_code, mask, split),
-        "FWD_SCORE_SETUP": _split_setup(split, "start_m * BLOCK_M + BLOCK_M // 2"),
+        "FWD_BODY": _forward_body(score_code, mask, split, window),
+        "FWD_SCORE_SETUP": window.setup(rows_first=True)
+        + _split_setup(split, "start_m * BLOCK_M + BLOCK_M // 2"),
         "FWD_LSE_ROWS": textwrap.indent(
             f"if SPLIT_BIAS:\n    lse = lse + tl.where(sep_ok, {split.row}, 0.0)",
             " " * 4) if split else "",
-        "DQ_SCORE_SETUP": _split_setup(split, "start_m * BLOCK_M + BLOCK_M // 2", textwrap.indent(
+        "DQ_SCORE_SETUP": window.setup(rows_first=True) + _split_setup(split, "start_m * BLOCK_M + BLOCK_M // 2", textwrap.indent(
             f"if SPLIT_BIAS:\n    lse2_rows = lse2 - tl.where(sep_ok, {split.row}, 0.0) * _LOG2E"
             "\nelse:\n    lse2_rows = lse2", " " * 4) if split else ""),
-        "DKDV_SCORE_SETUP": _split_setup(split, "start_n * BLOCK_N + BLOCK_N // 2", per_step=True),
+        "DKDV_SCORE_SETUP": window.setup(rows_first=False)
+        + _split_setup(split, "start_n * BLOCK_N + BLOCK_N // 2", per_step=True),
         "DQ_BODY": dq_body,
         "DQ_GRADIENTS_INIT": dq_gradients_init,
         "DQ_GRADIENTS_FINAL": dq_gradients_final,
-        "DKDV_LOOP": _dkdv_loop(analysis, type_of, _dkdv_body(score_code, mask, d_score, split),
+        "DKDV_LOOP": _dkdv_loop(analysis, type_of,
+                                _dkdv_body(score_code, mask, d_score, split, window),
                                 divisors, per_head=_mask_uses_head(spec)
                                 or any(d.per_head for d in divisors)),
     }
@@ -269,6 +278,45 @@ def _corner(split: _SplitBias, indent: str) -> list[str]:
     return [f"{indent}sep_aa = {split.corner}", f"{indent}sep_ok = sep_aa - sep_aa == 0.0"]
 
 
+@dataclass(frozen=True)
+class _Window:
+    """The terms of the score and mask that are one value per diagonal of the tile
+    (``analysis/diagonal.py``): each is evaluated once per difference q - kv of the tile, on
+    the vector ``win_d`` (``lower`` puts q there and kv at 0), and spread over the tile as
+    ``win<i>`` by a gather whose indices ``win_at`` are the same for every tile of the loop."""
+    terms: tuple[ir.Expr, ...]
+    lower: Lowering
+
+    @staticmethod
+    def name(i: int, dtype: str) -> str:
+        """The text of term ``i`` over the tile (a condition travels as int8)."""
+        return f"(win{i} != 0)" if dtype == BOOL else f"win{i}"
+
+    def setup(self, rows_first: bool) -> str:
+        """Before the loop: for each element of a [BLOCK_M, BLOCK_N] tile (``rows_first``,
+        queries as rows) or a [BLOCK_N, BLOCK_M] one, where in the window its value lies."""
+        if not self.terms:
+            return ""
+        at = ("tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :]" if rows_first
+              else "tl.arange(0, BLOCK_M)[None, :] - tl.arange(0, BLOCK_N)[:, None]")
+        return f"    win_at = ({at} + (BLOCK_N - 1)).reshape(BLOCK_M * BLOCK_N)\n"
+
+    def values(self, first_q: str, first_kv: str, shape: str) -> list[str]:
+        """In the loop, for the tile whose first query is ``first_q`` and first key
+        ``first_kv``: the window of differences from first_q - first_kv - (BLOCK_N - 1) up,
+        and each term over the tile."""
+        if not self.terms:
+            return []
+        lines = [f"win_d = {first_q} - {first_kv} - (BLOCK_N - 1) + "
+                 "_differences(BLOCK_M, BLOCK_N)"]
+        for i, term in enumerate(self.terms):
+            value = self.lower.expr(term)
+            if self.lower.type_of(term) == BOOL:
+                value = f"({value}).to(tl.int8)"
+            lines.append(f"win{i} = tl.gather({value}, win_at, 0).reshape({shape})")
+        return lines
+
+
 def _scaled_score(product: str, score_code: str, split: _SplitBias | None,
                   first: tuple[str, ...] = ()) -> list[str]:
     """Lines that leave the score expression in base-2 units in ``s2``. A separable bias is
@@ -363,7 +411,8 @@ def _key_tile(load_v: str, v_tma: str) -> list[str]:
     ]
 
 
-def _forward_body(score_code: str, mask: str, split: _SplitBias | None) -> str:
+def _forward_body(score_code: str, mask: str, split: _SplitBias | None,
+                  window: _Window) -> str:
     """One key tile of the online softmax. One loop visits every tile of the hull and masks
     only the tiles outside the full range: three loops (masked, full, masked) held more
     values live at once and spilled registers."""
@@ -372,6 +421,7 @@ def _forward_body(score_code: str, mask: str, split: _SplitBias | None) -> str:
                         "mask=(kv_cols[:, None] < kv_len) & d_ok[None, :], other=0.0)",
                         "v_tiles.load([start_n, 0])"),
              f"qk = {_dot('q', 'k')}",
+             *window.values("start_m * BLOCK_M", "start_n", "BLOCK_M, BLOCK_N"),
              "masked = (start_n < f_start) | (start_n >= f_stop)"]
     if identity:
         # Plain scores with a positive scale: the row maximum of qk, scaled afterwards, so
@@ -474,7 +524,7 @@ def _recompute(product: str, score_code: str, mask: str, rows: str, dp: str,
 
 
 def _dq_body(score_code, mask, d_score, gradients, tile: Lowering,
-             split: _SplitBias | None) -> str:
+             split: _SplitBias | None, window: _Window) -> str:
     gradient_lines = []
     if gradients:
         body = ["g_valid = q_ok & kv_ok", "if masked:", f"    g_valid = g_valid & ({mask})"]
@@ -493,6 +543,7 @@ def _dq_body(score_code, mask, d_score, gradients, tile: Lowering,
         *_key_tile("v = tl.load(v_base + kv_idx * svn + offs_d[:, None] * svd, "
                    "mask=kv_ok & d_ok[:, None], other=0.0)",
                    "tl.trans(v_tiles.load([start_n, 0]))"),
+        *window.values("start_m * BLOCK_M", "start_n", "BLOCK_M, BLOCK_N"),
         "masked = (start_n < f_start) | (start_n >= f_stop)",
         *_recompute(_dot("q", "k"), score_code, mask, "[:, None]", _dot("do", "v"), d_score,
                     split, "lse2_rows" if split else "lse2", after_ds=tuple(gradient_lines)),
@@ -540,7 +591,7 @@ def _row_gradient_code(gradients, tile: Lowering) -> tuple[str, str]:
             textwrap.indent("\n".join(final), " " * 4))
 
 
-def _dkdv_body(score_code, mask, d_score, split: _SplitBias | None) -> str:
+def _dkdv_body(score_code, mask, d_score, split: _SplitBias | None, window: _Window) -> str:
     """One query tile for a key tile, in the [BLOCK_N, BLOCK_M] orientation: k and v stay in
     registers, and dk, dv accumulate as [BLOCK_N, HEAD_DIM]."""
     lines = [
@@ -563,6 +614,7 @@ def _dkdv_body(score_code, mask, d_score, split: _SplitBias | None) -> str:
         "other=float(\"inf\"))",
         "delta = tl.load(DELTA + off_bh.to(tl.int64) * q_len + q_rows_t, "
         "mask=q_rows_t < q_len, other=0.0)",
+        *window.values("start_m", "start_n * BLOCK_N", "BLOCK_N, BLOCK_M"),
         "masked = (start_m < f_start) | (start_m >= f_stop)",
         # A separable bias, split where SPLIT_BIAS says (launch.py: it spills registers at
         # D=128): B at the anchor (the head may change from step to step) and the query rows'
