@@ -119,7 +119,7 @@ def main():
         configs[names[kernel]].append(Config.parse(numbers))
     head = 1 << (args.dim - 1).bit_length()
     target = GPUTarget("cuda", 90, 32)
-    print(f"| kernel | config | regs | spills | shared KiB |")
+    print("| kernel | config | regs | spills | shared KiB |")
     for kernel_name, candidates in configs.items():
         fn = getattr(kernels.module, kernel_name)
         for config in candidates:

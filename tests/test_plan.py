@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 import flexdsl
 from flexdsl import ir
 from flexdsl.analysis.diagonal import diagonal_terms
+from flexdsl.analysis.plan import EMPTY, FULL, brute_force_tiles
 from flexdsl.analysis.separable import separable_bias
-from flexdsl.analysis.plan import EMPTY, FULL, brute_force_tiles, plan
 from flexdsl.check import check
 
 LENGTHS = st.sampled_from([1, 17, 232, 1000]) | st.integers(1, 300)
