@@ -65,6 +65,7 @@ def cmd_check(args) -> int:
     if params:
         print("bound: " + ", ".join(f"{k}={v}" for k, v in params.items()))
     _print_score(attention)
+    _print_diagonals(attention)
     _print_bounds(attention, params)
     return 0
 
@@ -84,6 +85,14 @@ def _print_score(attention) -> None:
     if not derivatives.identity:
         print(f"score: d/d score = {ir.unparse(derivatives.d_score)} (the backward scales dP "
               "by it)")
+
+
+def _print_diagonals(attention) -> None:
+    """Terms the kernels read once per diagonal of a tile, not once per element."""
+    from .analysis.diagonal import diagonal_terms
+    for term in diagonal_terms(attention.spec):
+        print(f"diagonal: {ir.unparse(term)} depends on q - kv alone: the kernels evaluate it "
+              "once per diagonal of a tile and spread it with a gather")
 
 
 def _print_bounds(attention, params) -> None:

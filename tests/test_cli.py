@@ -45,6 +45,17 @@ def test_the_score_treatment_is_printed(capsys):
     assert not any(line.startswith("score:") for line in out.splitlines())
 
 
+def test_terms_read_per_diagonal_are_printed(capsys):
+    _, out, _ = run(capsys, "check", "score + bias[h, q - kv + kv_len]")
+    assert ("diagonal: bias[h, q - kv + kv_len] depends on q - kv alone: the kernels evaluate "
+            "it once per diagonal of a tile and spread it with a gather") in out.splitlines()
+    _, out, _ = run(capsys, "check", "where abs(q - kv) <= W and (q - kv) % D == 0")
+    assert any(line.startswith("diagonal: abs(q - kv) <= W and (q - kv) % D == 0")
+               for line in out.splitlines())
+    _, out, _ = run(capsys, "check", ISSUE_SPEC)
+    assert not any(line.startswith("diagonal:") for line in out.splitlines())
+
+
 def test_parameters_are_typed_and_bound(capsys):
     code, out, _ = run(capsys, "check", "cap * tanh(score / cap) where 0 <= q - kv < W",
                        "-p", "W=128", "--param", "cap=30")
