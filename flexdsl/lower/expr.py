@@ -64,6 +64,8 @@ class Lowering:
     # Nodes already computed under a name (a table read along the tile's diagonals,
     # analysis/diagonal.py): the text is that name.
     computed: dict[ir.Expr, str] = field(default_factory=dict)
+    # Float tables read as 0 where they hold inf or nan (``_finite``): see render._split_bias.
+    finite_tables: bool = False
     _exact: int = field(default=0, init=False, repr=False)   # depth inside compares, floors
 
     def expr(self, node: ir.Expr) -> str:
@@ -112,7 +114,8 @@ class Lowering:
         masks = sorted({self.valid[p] for index in node.indices for p in _positions(index)
                         if p in self.valid})
         mask = f", mask={' & '.join(masks)}, other=0" if masks else ""
-        return f"tl.load({t} + {' + '.join(offsets)}{mask})"
+        load = f"tl.load({t} + {' + '.join(offsets)}{mask})"
+        return f"_finite({load})" if self.finite_tables and self.type_of(node) == FLOAT else load
 
     def _divisor(self, node: ir.Expr, text: str) -> Divisor:
         if text not in self.divisors:

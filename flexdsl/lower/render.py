@@ -84,6 +84,8 @@ def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivati
                                          divisors=tile.divisors, reciprocal=True))
     separable = separable_bias(spec)
     split = _split_bias(separable.bias, type_of, tile.divisors) if separable else None
+    split_dkdv = _split_bias(separable.bias, type_of, tile.divisors, finite_tables=True) \
+        if separable else None
     # Masked tiles always check the lengths; the spec's own mask joins in where it has one.
     mask = "kv_ok" if spec.spec.mask is None else f"({tile.expr(spec.spec.mask)}) & kv_ok"
     d_score = None if derivatives.identity else tile.floating(derivatives.d_score)
@@ -100,7 +102,8 @@ def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivati
         "NO_SPECIALIZE": ", ".join(repr(a) for a in no_specialize),
         "ARGS": "".join(f"{a}, " for a in args),
         "GRAD_ARGS": "".join(f"{a}, " for a in grad_args),
-        "KEY_RANGE": textwrap.indent(_tile_range("n", "BLOCK_N", "kv_len"), " " * 4).rstrip(),
+        "KEY_RANGE": textwrap.indent(_tile_range("n", "BLOCK_N", "kv_len")
+                                     + (_SPLIT_GUARD if split else ""), " " * 4).rstrip(),
         "KEY_DESCRIPTORS": _KEY_DESCRIPTORS.rstrip(),
         "FWD_BOUNDS": _bounds_code(analysis.by_query, type_of, "q_idx_rows", "kv_len",
                                    "docs_exact_q", indent=4),
@@ -111,16 +114,17 @@ def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivati
         "FWD_LSE_ROWS": textwrap.indent(
             f"if SPLIT_BIAS:\n    lse = lse + tl.where(sep_ok, {split.row}, 0.0)",
             " " * 4) if split else "",
-        "DQ_SCORE_SETUP": window.setup(rows_first=True) + _split_setup(split, "start_m * BLOCK_M + BLOCK_M // 2", textwrap.indent(
-            f"if SPLIT_BIAS:\n    lse2_rows = lse2 - tl.where(sep_ok, {split.row}, 0.0) * _LOG2E"
-            "\nelse:\n    lse2_rows = lse2", " " * 4) if split else ""),
+        "DQ_SCORE_SETUP": window.setup(rows_first=True) + _split_setup(
+            split, "start_m * BLOCK_M + BLOCK_M // 2", textwrap.indent(
+                f"if SPLIT_BIAS:\n    lse2_rows = lse2 - tl.where(sep_ok, {split.row}, 0.0) "
+                "* _LOG2E\nelse:\n    lse2_rows = lse2", " " * 4) if split else ""),
         "DKDV_SCORE_SETUP": window.setup(rows_first=False)
         + _split_setup(split, "start_n * BLOCK_N + BLOCK_N // 2", per_step=True),
         "DQ_BODY": dq_body,
         "DQ_GRADIENTS_INIT": dq_gradients_init,
         "DQ_GRADIENTS_FINAL": dq_gradients_final,
         "DKDV_LOOP": _dkdv_loop(analysis, type_of,
-                                _dkdv_body(score_code, mask, d_score, split, window),
+                                _dkdv_body(score_code, mask, d_score, split_dkdv, window),
                                 divisors, per_head=_mask_uses_head(spec)
                                 or any(d.per_head for d in divisors)),
     }
@@ -158,6 +162,13 @@ def _tile_range(first: str, block: str, length: str) -> str:
 
 
 _QUERY_RANGE = _tile_range("m", "BLOCK_M", "q_len")
+
+# A split bias not finite at the anchor (a head switched off by a table of -inf): every
+# score of the program is -inf, so the forward and dq passes keep no key at all.
+_SPLIT_GUARD = """\
+if SPLIT_BIAS:
+    n_hi = tl.where(sep_ok, n_hi, n_lo)
+"""
 
 # The forward and dq passes stream one key head's k and v tiles.
 _KEY_DESCRIPTORS = """\
@@ -249,12 +260,20 @@ class _SplitBias:
     corner: str
 
 
-def _split_bias(bias: ir.Expr, type_of, divisors: dict) -> _SplitBias:
-    # A split bias reads no table by position (separable._finite), so no load needs a mask
-    # for padding rows or columns.
+def _split_bias(bias: ir.Expr, type_of, divisors: dict,
+                finite_tables: bool = False) -> _SplitBias:
+    """The split parts of ``bias``. A split bias reads no table by position
+    (separable._finite), so no load needs a mask for padding rows or columns, and it is
+    infinite only where a table it reads by head or batch is (a head switched off with
+    -inf). The forward and dq passes then skip the program's loop (``sep_ok``, the rows are
+    empty); ``finite_tables`` reads such values as 0 instead, for the dk/dv pass, whose steps
+    change head: the rows of a switched-off head come to it with lse2 = +inf, so their P is
+    0 without a select in its loop (which made the ALiBi + documents backward at D=64 20%
+    slower on the H200)."""
     def lower(q: str, kv: str) -> str:
         return Lowering(type_of, {"q": q, "kv": kv, "b": "b", "h": "h"},
-                        divisors=divisors, reciprocal=True).floating(bias)
+                        divisors=divisors, reciprocal=True,
+                        finite_tables=finite_tables).floating(bias)
     return _SplitBias(col=lower("sep_a", "kv_idx"), row=lower("q_rows", "sep_a"),
                       row_t=lower("q_rows_t", "sep_a"), corner=lower("sep_a", "sep_a"))
 
@@ -274,7 +293,7 @@ def _split_setup(split: _SplitBias | None, anchor: str, after: str = "",
 def _corner(split: _SplitBias, indent: str) -> list[str]:
     # B at the anchor is infinite only where a table the bias reads by head or batch is (a
     # head switched off with -inf): then every score of the program is, and its rows are
-    # empty; sep_ok keeps inf - inf out of them.
+    # empty; sep_ok keeps inf - inf out of them (_SPLIT_GUARD, and the lse terms).
     return [f"{indent}sep_aa = {split.corner}", f"{indent}sep_ok = sep_aa - sep_aa == 0.0"]
 
 
@@ -320,15 +339,15 @@ class _Window:
 def _scaled_score(product: str, score_code: str, split: _SplitBias | None,
                   first: tuple[str, ...] = ()) -> list[str]:
     """Lines that leave the score expression in base-2 units in ``s2``. A separable bias is
-    split where the constexpr SPLIT_BIAS is true (launch.py), after the lines ``first``."""
+    split where the constexpr SPLIT_BIAS is true (launch.py), after the lines ``first``
+    (the dk/dv pass's per-step anchor terms)."""
     if score_code == "s_mod = score":
         return [f"s2 = {product} * qk_scale"]  # one multiply: the scale folded into log2(e)
     whole = [f"score = {product} * sm_scale", score_code, "s2 = s_mod * _LOG2E"]
     if split is None:
         return whole
     # One multiply-add per element, as for a plain score; the rows' part is in lse.
-    parts = [*first,
-             f"col2 = tl.where(sep_ok, ({split.col} - sep_aa) * _LOG2E, -float(\"inf\"))",
+    parts = [*first, f"col2 = ({split.col} - sep_aa) * _LOG2E",
              f"s2 = {product} * qk_scale + col2"]
     return ["if SPLIT_BIAS:", *("    " + line for line in parts),
             "else:", *("    " + line for line in whole)]
@@ -621,8 +640,8 @@ def _dkdv_body(score_code, mask, d_score, split: _SplitBias | None, window: _Win
         # part taken out of their log-sum-exp.
         *_recompute(_dot("k", "q_t"), score_code, f"{mask} & q_ok",
                     "[None, :]", _dot("v", "tl.trans(do)"), d_score, split,
-                    first=(*_corner(split, ""),
-                           f"lse2 = lse2 - tl.where(sep_ok, {split.row_t}, 0.0) * _LOG2E")
+                    first=(f"sep_aa = {split.corner}",
+                           f"lse2 = lse2 - ({split.row_t}) * _LOG2E")
                     if split else (),
                     after_p=(f"dv = {_dot('p.to(do.dtype)', 'do', 'dv')}",)),
         f"dk = {_dot('dscore.to(q_t.dtype)', 'tl.trans(q_t)', 'dk')}",
