@@ -98,6 +98,15 @@ DIAGONAL = [
          tensors={"gain": _gains}),
     Case("conditional", "score + (bias[h, q - kv + kv_len] if q >= kv else 0.5)",
          tensors={"bias": bias_table}),
+    # Functions of q - kv only because positions are never negative (abs(q) is q): the
+    # kernels must evaluate them at real positions.
+    Case("absolute_query", "score + bias[h, abs(q) - kv + kv_len]", tensors={"bias": bias_table}),
+    Case("condition_on_q", "where ((q - kv) % 3 == 0 if q >= 0 else q == kv)"),
+    # kv alone inside a term, and a term whose positions cancel.
+    Case("halved_distance", "score + bias[h, floor(q * 0.5 - kv * 0.5) + kv_len]",
+         tensors={"bias": bias_table}),
+    Case("positions_cancel", "score + bias[h, kv - kv + 3] where q >= kv",
+         tensors={"bias": bias_table}),
 ]
 
 

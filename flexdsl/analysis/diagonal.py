@@ -23,10 +23,10 @@ from .symbolic import Symbols, to_sympy
 _POSITIONS = {"q", "kv"}
 
 
-def diagonal_terms(spec: CheckedSpec) -> tuple[ir.Expr, ...]:
-    """The largest terms of the score expression and the mask that depend on q and kv only
-    through q - kv and cost more per element than a gather (a table read at a position, a
-    division of positions), each once, in source order.
+def diagonal_terms(spec: CheckedSpec, mask: bool = True) -> tuple[ir.Expr, ...]:
+    """The largest terms of the score expression and (with ``mask``) the mask that depend on
+    q and kv only through q - kv and cost more per element than a gather (a table read at a
+    position, a division of positions), each once, in source order.
 
     >>> from flexdsl.check import check
     >>> [ir.unparse(t) for t in diagonal_terms(check("score + bias[h, q - kv + kv_len]"))]
@@ -48,14 +48,16 @@ def diagonal_terms(spec: CheckedSpec) -> tuple[ir.Expr, ...]:
             visit(child)
 
     visit(spec.spec.score)
-    if spec.spec.mask is not None:
+    if mask and spec.spec.mask is not None:
         visit(spec.spec.mask)
     return tuple(found)
 
 
 def through_difference(node: ir.Expr, symbols: Symbols) -> bool:
     """Whether ``node`` is one value per program and per q - kv: it names neither the score
-    (one value per element) nor q or kv other than through their difference."""
+    (one value per element) nor q or kv other than through their difference. For positions
+    only, that is: q and kv are never negative (sympy reads abs(q) as q), so the kernels
+    evaluate such a term at real positions of the tile."""
     used = ir.names(node)
     if ir.SCORE in used:
         return False

@@ -86,6 +86,20 @@ def _finite(bias: ir.Expr) -> bool:
     return True
 
 
+def keeps_non_finite(bias: ir.Expr) -> bool:
+    """Whether ``bias`` is non-finite wherever a value it reads is: built by +, -, * and abs
+    alone (inf * 0 and inf - inf are nan; no division, min or max, which can turn an
+    infinity into a finite value or a finite value into an infinity)."""
+    for node in ir.walk(bias):
+        if isinstance(node, ir.Binary) and node.op not in ("+", "-", "*"):
+            return False
+        if isinstance(node, ir.Call) and node.func != "abs":
+            return False
+        if isinstance(node, ir.Unary) and node.op != "-":
+            return False
+    return True
+
+
 def _sum_terms(node: ir.Expr, sign: int) -> list[tuple[ir.Expr, int]]:
     """The terms of a chain of + and - (and negations), each with its sign."""
     if isinstance(node, ir.Binary) and node.op in ("+", "-"):
@@ -121,4 +135,4 @@ def _separates(bias: ir.Expr, spec: CheckedSpec) -> bool:
     return all(positions(term) != {"q", "kv"} for term in sympy.Add.make_args(expression))
 
 
-__all__ = ["SeparableBias", "separable_bias"]
+__all__ = ["SeparableBias", "keeps_non_finite", "separable_bias"]

@@ -33,7 +33,7 @@ class KernelTraits:
     divides: bool = False          # the mask divides positions (// or %)
     divides_pairs: bool = False    # ... an expression of both q and kv: per tile element
     nonlinear_score: bool = False  # dS needs d score_expr / d score: one more tile live
-    diagonal: bool = False         # the score reads a table along the diagonals: a gather
+    diagonal: bool = False         # the score has terms read per diagonal: a gather a tile
 
     @classmethod
     def of(cls, spec: CheckedSpec, analysis: MaskAnalysis,
@@ -45,7 +45,7 @@ class KernelTraits:
                    divides=bool(divisions),
                    divides_pairs=any({"q", "kv"} <= ir.names(n.left) for n in divisions),
                    nonlinear_score=not derivatives.identity,
-                   diagonal=bool(diagonal_terms(spec)))
+                   diagonal=bool(diagonal_terms(spec, mask=False)))
 
 
 @dataclass(frozen=True)

@@ -64,8 +64,9 @@ class Lowering:
     # Nodes already computed under a name (a table read along the tile's diagonals,
     # analysis/diagonal.py): the text is that name.
     computed: dict[ir.Expr, str] = field(default_factory=dict)
-    # Float tables read as 0 where they hold inf or nan (``_finite``): see render._split_bias.
-    finite_tables: bool = False
+    # Float tables and parameters read as 0 where they are inf or nan (``_finite_or_zero``):
+    # see render._split_bias.
+    finite_inputs: bool = False
     _exact: int = field(default=0, init=False, repr=False)   # depth inside compares, floors
 
     def expr(self, node: ir.Expr) -> str:
@@ -101,6 +102,8 @@ class Lowering:
             return "score"
         if node.id in ir.LENGTHS:
             return node.id
+        if self.finite_inputs and self.type_of(node) == FLOAT:
+            return f"_finite_or_zero({param_name(node.id)})"
         return param_name(node.id)
 
     def _Lookup(self, node: ir.Lookup) -> str:
@@ -115,7 +118,9 @@ class Lowering:
                         if p in self.valid})
         mask = f", mask={' & '.join(masks)}, other=0" if masks else ""
         load = f"tl.load({t} + {' + '.join(offsets)}{mask})"
-        return f"_finite({load})" if self.finite_tables and self.type_of(node) == FLOAT else load
+        if self.finite_inputs and self.type_of(node) == FLOAT:
+            return f"_finite_or_zero({load})"
+        return load
 
     def _divisor(self, node: ir.Expr, text: str) -> Divisor:
         if text not in self.divisors:

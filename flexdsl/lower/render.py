@@ -17,8 +17,8 @@ from ..analysis.bounds import Solved, work_trend
 from ..analysis.derivatives import ScoreDerivatives, TensorGradient
 from ..analysis.diagonal import diagonal_terms
 from ..analysis.plan import MaskAnalysis
-from ..analysis.separable import separable_bias
-from ..check import BOOL, INT, CheckedSpec, Signature, TensorParam, Typer
+from ..analysis.separable import keeps_non_finite, separable_bias
+from ..check import BOOL, FLOAT, INT, CheckedSpec, Signature, TensorParam, Typer
 from .expr import Divisor, Lowering, param_name, tensor_name
 
 _TANH_PORTABLE = """\
@@ -80,11 +80,11 @@ def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivati
                     computed={term: _Window.name(i, type_of(term))
                               for i, term in enumerate(diagonals)})
     score_code = _score_code(spec, tile)
-    window = _Window(diagonals, Lowering(type_of, {"q": "win_d", "kv": "0", "b": "b", "h": "h"},
-                                         divisors=tile.divisors, reciprocal=True))
+    window = _Window.of(diagonals, type_of, tile.divisors)
     separable = separable_bias(spec)
     split = _split_bias(separable.bias, type_of, tile.divisors) if separable else None
-    split_dkdv = _split_bias(separable.bias, type_of, tile.divisors, finite_tables=True) \
+    split_dkdv = _split_bias(separable.bias, type_of, tile.divisors,
+                             finite_inputs=keeps_non_finite(separable.bias)) \
         if separable else None
     # Masked tiles always check the lengths; the spec's own mask joins in where it has one.
     mask = "kv_ok" if spec.spec.mask is None else f"({tile.expr(spec.spec.mask)}) & kv_ok"
@@ -258,24 +258,28 @@ class _SplitBias:
     row: str
     row_t: str
     corner: str
+    guarded: bool = False    # the dk/dv pass selects each step's terms against sep_ok
 
 
 def _split_bias(bias: ir.Expr, type_of, divisors: dict,
-                finite_tables: bool = False) -> _SplitBias:
+                finite_inputs: bool = False) -> _SplitBias:
     """The split parts of ``bias``. A split bias reads no table by position
-    (separable._finite), so no load needs a mask for padding rows or columns, and it is
-    infinite only where a table it reads by head or batch is (a head switched off with
-    -inf). The forward and dq passes then skip the program's loop (``sep_ok``, the rows are
-    empty); ``finite_tables`` reads such values as 0 instead, for the dk/dv pass, whose steps
-    change head: the rows of a switched-off head come to it with lse2 = +inf, so their P is
-    0 without a select in its loop (which made the ALiBi + documents backward at D=64 20%
-    slower on the H200)."""
+    (separable._finite), so no load needs a mask for padding rows or columns, and it is not
+    finite only where a value it reads by head or batch is not (a head switched off with a
+    table of -inf) or where it divides by 0. Then B at the anchor is not finite either, the
+    program's rows are empty, and the forward and dq passes skip their loop (``sep_ok``).
+    The dk/dv pass, whose steps change head, guards each step's terms with a select, unless
+    ``finite_inputs``: for a bias that is not finite wherever a value it reads is not
+    (separable.keeps_non_finite: +, -, * and abs), it reads such values as 0 instead, since
+    those rows come to it with lse2 = +inf and their P is 0 all the same. The select cost
+    the ALiBi + documents backward at D=64 20% on the H200."""
     def lower(q: str, kv: str) -> str:
         return Lowering(type_of, {"q": q, "kv": kv, "b": "b", "h": "h"},
                         divisors=divisors, reciprocal=True,
-                        finite_tables=finite_tables).floating(bias)
+                        finite_inputs=finite_inputs).floating(bias)
     return _SplitBias(col=lower("sep_a", "kv_idx"), row=lower("q_rows", "sep_a"),
-                      row_t=lower("q_rows_t", "sep_a"), corner=lower("sep_a", "sep_a"))
+                      row_t=lower("q_rows_t", "sep_a"), corner=lower("sep_a", "sep_a"),
+                      guarded=not finite_inputs)
 
 
 def _split_setup(split: _SplitBias | None, anchor: str, after: str = "",
@@ -300,11 +304,30 @@ def _corner(split: _SplitBias, indent: str) -> list[str]:
 @dataclass(frozen=True)
 class _Window:
     """The terms of the score and mask that are one value per diagonal of the tile
-    (``analysis/diagonal.py``): each is evaluated once per difference q - kv of the tile, on
-    the vector ``win_d`` (``lower`` puts q there and kv at 0), and spread over the tile as
-    ``win<i>`` by a gather whose indices ``win_at`` are the same for every tile of the loop."""
+    (``analysis/diagonal.py``), each evaluated once per difference q - kv of the tile and
+    spread over it as ``win<i>`` by a gather whose indices ``win_at`` are the same for every
+    tile of the loop. The values: the tile's last key ``win_kv`` against queries ``win_q``
+    from the tile's first on, real positions (never negative, as the analysis assumes) whose
+    differences run from the tile's smallest q - kv up."""
     terms: tuple[ir.Expr, ...]
-    lower: Lowering
+    texts: tuple[str, ...]    # each term lowered at (win_q, win_kv), as the gather's source
+
+    @classmethod
+    def of(cls, terms: tuple[ir.Expr, ...], type_of, divisors: dict) -> "_Window":
+        # Lowered once, here, so that their divisors join the program's before it prepares
+        # them. A term whose q and kv cancel is one value: broadcast over the window.
+        lower = Lowering(type_of, {"q": "win_q", "kv": "win_kv", "b": "b", "h": "h"},
+                         divisors=divisors, reciprocal=True)
+        texts = []
+        for term in terms:
+            zeros = "tl.zeros_like(win_q)"
+            if type_of(term) == BOOL:
+                texts.append(f"(({lower.expr(term)}).to(tl.int8) + {zeros}.to(tl.int8))")
+            elif type_of(term) == FLOAT:
+                texts.append(f"({lower.floating(term)} + {zeros}.to(tl.float32))")
+            else:
+                texts.append(f"({lower.expr(term)} + {zeros})")
+        return cls(terms, tuple(texts))
 
     @staticmethod
     def name(i: int, dtype: str) -> str:
@@ -322,17 +345,14 @@ class _Window:
 
     def values(self, first_q: str, first_kv: str, shape: str) -> list[str]:
         """In the loop, for the tile whose first query is ``first_q`` and first key
-        ``first_kv``: the window of differences from first_q - first_kv - (BLOCK_N - 1) up,
+        ``first_kv``: the window (element t: q - kv = first_q - first_kv - (BLOCK_N - 1) + t)
         and each term over the tile."""
         if not self.terms:
             return []
-        lines = [f"win_d = {first_q} - {first_kv} - (BLOCK_N - 1) + "
-                 "_differences(BLOCK_M, BLOCK_N)"]
-        for i, term in enumerate(self.terms):
-            value = self.lower.expr(term)
-            if self.lower.type_of(term) == BOOL:
-                value = f"({value}).to(tl.int8)"
-            lines.append(f"win{i} = tl.gather({value}, win_at, 0).reshape({shape})")
+        lines = [f"win_q = {first_q} + _differences(BLOCK_M, BLOCK_N)",
+                 f"win_kv = {first_kv} + (BLOCK_N - 1)"]
+        for i, text in enumerate(self.texts):
+            lines.append(f"win{i} = tl.gather({text}, win_at, 0).reshape({shape})")
         return lines
 
 
@@ -340,15 +360,17 @@ def _scaled_score(product: str, score_code: str, split: _SplitBias | None,
                   first: tuple[str, ...] = ()) -> list[str]:
     """Lines that leave the score expression in base-2 units in ``s2``. A separable bias is
     split where the constexpr SPLIT_BIAS is true (launch.py), after the lines ``first``
-    (the dk/dv pass's per-step anchor terms)."""
+    (the dk/dv pass's per-step anchor terms, guarded where ``split.guarded``)."""
     if score_code == "s_mod = score":
         return [f"s2 = {product} * qk_scale"]  # one multiply: the scale folded into log2(e)
     whole = [f"score = {product} * sm_scale", score_code, "s2 = s_mod * _LOG2E"]
     if split is None:
         return whole
     # One multiply-add per element, as for a plain score; the rows' part is in lse.
-    parts = [*first, f"col2 = ({split.col} - sep_aa) * _LOG2E",
-             f"s2 = {product} * qk_scale + col2"]
+    col2 = f"({split.col} - sep_aa) * _LOG2E"
+    if first and split.guarded:
+        col2 = f"tl.where(sep_ok, {col2}, -float(\"inf\"))"
+    parts = [*first, f"col2 = {col2}", f"s2 = {product} * qk_scale + col2"]
     return ["if SPLIT_BIAS:", *("    " + line for line in parts),
             "else:", *("    " + line for line in whole)]
 
@@ -508,8 +530,11 @@ def _diagonal_gradient(g: TensorGradient, value: str, tile: Lowering) -> list[st
         "g_skew = tl.gather(g_vals, (diag_i + diag_j) % BLOCK_N, 1)",
         "for diag_w in tl.static_range((BLOCK_M + BLOCK_N - 2) // BLOCK_N + 1):",
         "    diag_sum = tl.sum(tl.where((diag_i + diag_j) // BLOCK_N == diag_w, g_skew, 0.0), 0)",
-        "    diag_q = start_m * BLOCK_M - start_n - tl.arange(0, BLOCK_N) + BLOCK_N * diag_w",
-        "    diag_kv = diag_q * 0",
+        # Each diagonal's q - kv, at real positions (the tile's last key, and a query from
+        # the tile's first on), which the analysis of the index takes to be >= 0.
+        "    diag_kv = tl.zeros([BLOCK_N], dtype=tl.int32) + (start_n + BLOCK_N - 1)",
+        "    diag_q = diag_kv + start_m * BLOCK_M - start_n - tl.arange(0, BLOCK_N) "
+        "+ BLOCK_N * diag_w",
         f"    tl.atomic_add({pointer}, diag_sum)",
     ]
 
@@ -610,6 +635,17 @@ def _row_gradient_code(gradients, tile: Lowering) -> tuple[str, str]:
             textwrap.indent("\n".join(final), " " * 4))
 
 
+def _dkdv_split_terms(split: _SplitBias | None) -> tuple[str, ...]:
+    """A dk/dv step's terms of a split bias: B at the anchor (the head may change from step
+    to step) and the query rows' part taken out of their log-sum-exp."""
+    if split is None:
+        return ()
+    if split.guarded:
+        return (*_corner(split, ""),
+                f"lse2 = lse2 - tl.where(sep_ok, {split.row_t}, 0.0) * _LOG2E")
+    return (f"sep_aa = {split.corner}", f"lse2 = lse2 - ({split.row_t}) * _LOG2E")
+
+
 def _dkdv_body(score_code, mask, d_score, split: _SplitBias | None, window: _Window) -> str:
     """One query tile for a key tile, in the [BLOCK_N, BLOCK_M] orientation: k and v stay in
     registers, and dk, dv accumulate as [BLOCK_N, HEAD_DIM]."""
@@ -636,13 +672,10 @@ def _dkdv_body(score_code, mask, d_score, split: _SplitBias | None, window: _Win
         *window.values("start_m", "start_n * BLOCK_N", "BLOCK_N, BLOCK_M"),
         "masked = (start_m < f_start) | (start_m >= f_stop)",
         # A separable bias, split where SPLIT_BIAS says (launch.py: it spills registers at
-        # D=128): B at the anchor (the head may change from step to step) and the query rows'
-        # part taken out of their log-sum-exp.
+        # D=128).
         *_recompute(_dot("k", "q_t"), score_code, f"{mask} & q_ok",
                     "[None, :]", _dot("v", "tl.trans(do)"), d_score, split,
-                    first=(f"sep_aa = {split.corner}",
-                           f"lse2 = lse2 - ({split.row_t}) * _LOG2E")
-                    if split else (),
+                    first=_dkdv_split_terms(split),
                     after_p=(f"dv = {_dot('p.to(do.dtype)', 'do', 'dv')}",)),
         f"dk = {_dot('dscore.to(q_t.dtype)', 'tl.trans(q_t)', 'dk')}",
     ]
