@@ -15,7 +15,7 @@ from flexdsl.kernel import compile as kernel_compile
 from flexdsl.kernel.launch import Config, tma_ready
 from flexdsl.lower import render
 
-from catalogue import (BY_NAME, CATALOGUE, DIAGONAL, Case, alibi_slopes,
+from catalogue import (BY_NAME, CATALOGUE, DIAGONAL, Case, alibi_slopes, bias_table,
                        compiled_step_matches_eager)
 
 pytestmark = pytest.mark.skipif(not kernel_compile.interpreting() and not torch.cuda.is_available(),
@@ -255,6 +255,24 @@ def test_diagonal_windows_of_oblong_tiles(tiles):
                                     dq=Config(m, n, 1, 1, tma=True),
                                     dkdv=Config(n, m, 1, 1, tma=True))
     _check(BY_NAME["relative_bias"], 70, 53, torch.float32, seed=31, options=options)
+
+
+def _signed_slopes(batch, heads, q_len, kv_len, gen, device):
+    return torch.tensor([0.3, -0.2, 0.05, -0.01][:heads], device=device)
+
+
+@pytest.mark.parametrize("case", [
+    Case("capped_score", "min(score, cap) where q >= kv", {"cap": 0.5}),
+    Case("absolute_score", "abs(score) where q >= kv"),
+    Case("clamped_table", "score + clamp(bias[h, q - kv + kv_len], -0.5, 0.5)",
+         tensors={"bias": bias_table}),
+    Case("positive_slopes", "score + max(slope[h], 0.0) * (kv - q) where q >= kv",
+         tensors={"slope": _signed_slopes}),
+], ids=lambda c: c.name)
+def test_min_max_clamp_and_abs_differentiate(case):
+    # Their derivatives are steps (sympy's Heaviside and sign), which the kernels write as
+    # conditionals taking torch's value at a tie.
+    _check(case, 37, 45, torch.float32, seed=41)
 
 
 # The interpreter's default tiles read through tensor descriptors; these take the pointer path.

@@ -176,6 +176,19 @@ def _to_ir(e, names, lookups) -> ir.Expr:
         return ir.Call(func, tuple(_to_ir(a, names, lookups) for a in e.args))
     if isinstance(e, sympy.Abs):
         return ir.Call("abs", (_to_ir(e.args[0], names, lookups),))
+    if isinstance(e, (sympy.Heaviside, sympy.sign)):
+        # Derivatives of min, max, clamp and abs. At a tie, the value torch's autograd gives
+        # (the reference's): min and max share the gradient, abs at 0 has none.
+        x = _to_ir(e.args[0], names, lookups)
+        zero = ir.Num(0) if e.args[0].is_integer else ir.Num(0.0)
+        if isinstance(e, sympy.Heaviside):
+            positive, negative = ir.Num(1.0), ir.Num(0.0)
+            at_zero = sympy.Heaviside(0) if len(e.args) == 1 else e.args[1]
+        else:
+            positive, negative, at_zero = ir.Num(1.0), ir.Unary("-", ir.Num(1.0)), 0
+        return ir.IfElse(positive, ir.Compare((x, zero), (">",)),
+                         ir.IfElse(_to_ir(sympy.Float(at_zero), names, lookups),
+                                   ir.Compare((x, zero), ("==",)), negative))
     simple = {sympy.exp: "exp", sympy.log: "log", sympy.tanh: "tanh"}
     for kind, func in simple.items():
         if isinstance(e, kind):
