@@ -268,11 +268,24 @@ def _signed_slopes(batch, heads, q_len, kv_len, gen, device):
          tensors={"bias": bias_table}),
     Case("positive_slopes", "score + max(slope[h], 0.0) * (kv - q) where q >= kv",
          tensors={"slope": _signed_slopes}),
+    Case("ceiled_table", "score * ceil(slope[h] * 3.0) where q >= kv",
+         tensors={"slope": _signed_slopes}),
+    Case("inverse_root", "rsqrt(score * score + 1.0) where q >= kv"),
 ], ids=lambda c: c.name)
-def test_min_max_clamp_and_abs_differentiate(case):
-    # Their derivatives are steps (sympy's Heaviside and sign), which the kernels write as
-    # conditionals taking torch's value at a tie.
-    _check(case, 37, 45, torch.float32, seed=41)
+def test_steps_and_roots_differentiate(case):
+    # The derivatives of min, max and clamp are steps (sympy's Heaviside), of abs a sign:
+    # conditionals taking torch's value at a tie. floor and ceil have none (sympy leaves
+    # theirs unevaluated); rsqrt's has a power 3 / 2.
+    flat = case.name == "ceiled_table"    # ceil's value is an int: the reference's table
+    _check(case, 37, 45, torch.float32, seed=41, learn_tensors=not flat)   # has no gradient
+    if flat:
+        # flexdsl gives a table used only through steps a gradient of zeros.
+        attn = flexdsl.compile(case.spec, options=TRITON)
+        q, k, v, tensors = _inputs(case, 1, 4, 2, 37, 45, 16, torch.float32, 43)
+        slope = tensors["slope"].requires_grad_()
+        out = attn(q, k, v, slope=slope)
+        (grad,) = torch.autograd.grad(out, [slope], torch.ones_like(out))
+        assert torch.equal(grad, torch.zeros_like(slope))
 
 
 # The interpreter's default tiles read through tensor descriptors; these take the pointer path.

@@ -74,6 +74,12 @@ def _through_difference(lookup: ir.Lookup, symbols: Symbols) -> bool:
 
 
 def _tidy(expression):
+    # floor and ceil are steps: 0 almost everywhere, as torch's autograd has them; sympy
+    # leaves their derivative unevaluated.
+    expression = expression.replace(
+        lambda e: isinstance(e, sympy.Derivative) and isinstance(e.expr, (sympy.floor,
+                                                                          sympy.ceiling)),
+        lambda e: sympy.Integer(0)).doit()   # doit: a chain rule's Subs(0, ...) is 0
     expression = sympy.piecewise_fold(expression)
     if isinstance(expression, sympy.Piecewise):
         return expression

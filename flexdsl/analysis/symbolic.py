@@ -120,7 +120,8 @@ def _to_ir(e, names, lookups) -> ir.Expr:
         value = int(e)
         return ir.Num(value) if value >= 0 else ir.Unary("-", ir.Num(-value))
     if e.is_Rational:
-        return ir.Binary("/", _to_ir(e.p, names, lookups), _to_ir(e.q, names, lookups))
+        return ir.Binary("/", _to_ir(sympy.Integer(e.p), names, lookups),
+                         _to_ir(sympy.Integer(e.q), names, lookups))
     if e.is_Float:
         value = float(e)
         return ir.Num(value) if value >= 0 else ir.Unary("-", ir.Num(-value))

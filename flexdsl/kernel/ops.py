@@ -109,13 +109,24 @@ def _backward(ctx, grad_out, grad_lse):
                                            ctx.params, ctx.key, ctx.scale)
     entry = registry[ctx.key]
     by_name = dict(zip(entry.gradient_tensors, grads))
-    tensor_grads = [by_name.get(name) for name in entry.tensors]
+    tensor_grads = [_gradient_or_zeros(by_name.get(name), t, t.requires_grad)
+                    for name, t in zip(entry.tensors, tensors)]
     # A list of numbers takes None as its gradient; an empty list counts as a list of tensors.
     params_grad = None if ctx.params else []
     return dq, dk, dv, tensor_grads, params_grad, None, None
 
 
 torch.library.register_autograd("flexdsl::attention", _backward, setup_context=_setup_context)
+
+
+def _gradient_or_zeros(gradient, tensor, needed: bool):
+    """A tensor's gradient, or zeros for a float tensor that needs one but that the score
+    uses only through steps (ceil, a comparison), as a gradient that is 0 everywhere."""
+    if not needed:
+        return None
+    if gradient is None and tensor.is_floating_point():
+        return torch.zeros_like(tensor)
+    return gradient
 
 
 class _EagerAttention(torch.autograd.Function):
@@ -147,14 +158,15 @@ class _EagerAttention(torch.autograd.Function):
         if grad_out is None:   # only lse was used
             grad_out = torch.zeros_like(out)
         entry = ctx.entry
-        wanted = {name for name, needs in zip(entry.tensors, ctx.needs_input_grad[6:])
-                  if needs} if entry.gradient_tensors else set()
+        needs = ctx.needs_input_grad[6:]
+        wanted = {name for name, need in zip(entry.tensors, needs) if need}
         dq, dk, dv, grads = entry.backward(q, k, v, out, lse, grad_out, grad_lse,
                                            entry.call(ctx.scale, ctx.params, tensors),
                                            tensor_grads=bool(wanted & set(entry.gradient_tensors)))
         by_name = dict(zip(entry.gradient_tensors, grads))
         return (dq, dk, dv, None, None, None,
-                *(by_name.get(name) if name in wanted else None for name in entry.tensors))
+                *(_gradient_or_zeros(by_name.get(name), t, need)
+                  for name, t, need in zip(entry.tensors, tensors, needs)))
 
 
 class _NoSecondDerivative(torch.autograd.Function):
