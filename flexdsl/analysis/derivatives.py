@@ -12,6 +12,7 @@ import sympy
 
 from .. import ir
 from ..check import FLOAT, CheckedSpec
+from .diagonal import through_difference
 from .symbolic import Symbols, to_ir, to_sympy
 
 
@@ -67,10 +68,7 @@ def _through_difference(lookup: ir.Lookup, symbols: Symbols) -> bool:
         return False
     if any(isinstance(n, ir.Lookup) for i in lookup.indices for n in ir.walk(i)):
         return False
-    q, kv = symbols["q"], symbols["kv"]
-    difference = sympy.Symbol("difference", integer=True)
-    return not any(sympy.expand(to_sympy(i, symbols).subs(q, kv + difference)).has(kv)
-                   for i in lookup.indices)
+    return all(through_difference(i, symbols) for i in lookup.indices)
 
 
 def _tidy(expression):

@@ -309,7 +309,6 @@ class _Window:
     tile of the loop. The values: the tile's last key ``win_kv`` against queries ``win_q``
     from the tile's first on, real positions (never negative, as the analysis assumes) whose
     differences run from the tile's smallest q - kv up."""
-    terms: tuple[ir.Expr, ...]
     texts: tuple[str, ...]    # each term lowered at (win_q, win_kv), as the gather's source
 
     @classmethod
@@ -319,15 +318,15 @@ class _Window:
         lower = Lowering(type_of, {"q": "win_q", "kv": "win_kv", "b": "b", "h": "h"},
                          divisors=divisors, reciprocal=True)
         texts = []
+        zeros = "tl.zeros_like(win_q)"
         for term in terms:
-            zeros = "tl.zeros_like(win_q)"
             if type_of(term) == BOOL:
                 texts.append(f"(({lower.expr(term)}).to(tl.int8) + {zeros}.to(tl.int8))")
             elif type_of(term) == FLOAT:
                 texts.append(f"({lower.floating(term)} + {zeros}.to(tl.float32))")
             else:
                 texts.append(f"({lower.expr(term)} + {zeros})")
-        return cls(terms, tuple(texts))
+        return cls(tuple(texts))
 
     @staticmethod
     def name(i: int, dtype: str) -> str:
@@ -337,7 +336,7 @@ class _Window:
     def setup(self, rows_first: bool) -> str:
         """Before the loop: for each element of a [BLOCK_M, BLOCK_N] tile (``rows_first``,
         queries as rows) or a [BLOCK_N, BLOCK_M] one, where in the window its value lies."""
-        if not self.terms:
+        if not self.texts:
             return ""
         at = ("tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :]" if rows_first
               else "tl.arange(0, BLOCK_M)[None, :] - tl.arange(0, BLOCK_N)[:, None]")
@@ -347,7 +346,7 @@ class _Window:
         """In the loop, for the tile whose first query is ``first_q`` and first key
         ``first_kv``: the window (element t: q - kv = first_q - first_kv - (BLOCK_N - 1) + t)
         and each term over the tile."""
-        if not self.terms:
+        if not self.texts:
             return []
         lines = [f"win_q = {first_q} + _differences(BLOCK_M, BLOCK_N)",
                  f"win_kv = {first_kv} + (BLOCK_N - 1)"]
