@@ -109,7 +109,10 @@ def _backward(ctx, grad_out, grad_lse):
                                            ctx.params, ctx.key, ctx.scale)
     entry = registry[ctx.key]
     by_name = dict(zip(entry.gradient_tensors, grads))
-    tensor_grads = [_gradient_or_zeros(by_name.get(name), t, t.requires_grad)
+    # A gradient the kernels computed goes back whatever the saved tensor says of
+    # requires_grad (under torch.compile saved tensors need not say it).
+    tensor_grads = [by_name[name] if name in by_name else
+                    _gradient_or_zeros(None, t, t.requires_grad)
                     for name, t in zip(entry.tensors, tensors)]
     # A list of numbers takes None as its gradient; an empty list counts as a list of tensors.
     params_grad = None if ctx.params else []
