@@ -80,7 +80,7 @@ def main():
                 continue
             results.append((ms, config))
         results.sort(key=lambda r: r[0])
-        for ms, config in results[:4]:
+        for ms, config in results if only else results[:4]:
             print(f"{name:8s} {ms:8.3f} ms  {config}", flush=True)
 
 

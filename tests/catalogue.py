@@ -105,7 +105,7 @@ DIAGONAL = [
     # kv alone inside a term, and a term whose positions cancel.
     Case("halved_distance", "score + bias[h, floor(q * 0.5 - kv * 0.5) + kv_len]",
          tensors={"bias": bias_table}),
-    Case("positions_cancel", "score + bias[h, kv - kv + 3] where q >= kv",
+    Case("positions_cancel", "score + bias[h, kv - kv + 1] where q >= kv",
          tensors={"bias": bias_table}),
 ]
 
