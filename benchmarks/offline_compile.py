@@ -54,7 +54,8 @@ def source_for(fn, source, dtype: str, constants: dict) -> ASTSource:
     constants = {**constants, **{a: 1 for a in unit}}
     sig = signature(fn, source, dtype, constants)
     sixteen = [i for i, a in enumerate(fn.arg_names) if a not in constants and (
-        sig[a].startswith("*") or (a.startswith("s") and len(a) <= 5 and a not in unit))]
+        sig[a].startswith("*") or (a.startswith("s") and len(a) <= 5 and a not in unit)
+        or a == "rows_pad")]
     return ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v
                                           for k, v in constants.items()},
                      attrs={(i,): [["tt.divisibility", 16]] for i in sixteen})

@@ -102,10 +102,11 @@ DIAGONAL = [
     # kernels must evaluate them at real positions.
     Case("absolute_query", "score + bias[h, abs(q) - kv + kv_len]", tensors={"bias": bias_table}),
     Case("condition_on_q", "where ((q - kv) % 3 == 0 if q >= 0 else q == kv)"),
-    # kv alone inside a term, and a term whose positions cancel.
+    # kv alone inside a term, and a term whose positions cancel (times the distance: a
+    # constant added to a whole row has a zero gradient, which only rounding would test).
     Case("halved_distance", "score + bias[h, floor(q * 0.5 - kv * 0.5) + kv_len]",
          tensors={"bias": bias_table}),
-    Case("positions_cancel", "score + bias[h, kv - kv + 1] where q >= kv",
+    Case("positions_cancel", "score + 0.01 * (q - kv) * bias[h, kv - kv + 1] where q >= kv",
          tensors={"bias": bias_table}),
 ]
 

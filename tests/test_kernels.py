@@ -257,6 +257,14 @@ def test_diagonal_windows_of_oblong_tiles(tiles):
     _check(BY_NAME["relative_bias"], 70, 53, torch.float32, seed=31, options=options)
 
 
+def test_dkdv_query_tiles_wider_than_the_dq_tiles():
+    # The dk/dv loop reads delta and lse2 for whole query tiles without a mask; rows past
+    # those the dq pass writes (48 of 64 here) are filled by the launch.
+    options = flexdsl.KernelOptions(backend="triton", dq=Config(16, 16, 1, 1, tma=True),
+                                    dkdv=Config(32, 16, 1, 1, tma=True))
+    _check(BY_NAME["alibi_documents"], 37, 45, torch.float32, seed=37, options=options)
+
+
 def _signed_slopes(batch, heads, q_len, kv_len, gen, device):
     return torch.tensor([0.3, -0.2, 0.05, -0.01][:heads], device=device)
 

@@ -375,9 +375,13 @@ def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, g
     if dq_tma or dkdv_tma:
         _ensure_allocator()
     lse = lse.contiguous()
-    # Written by the dq pass for the dk/dv pass, which runs after it on the same stream.
-    delta = torch.empty_like(lse)
-    lse2 = torch.empty_like(lse)
+    # Written by the dq pass for the dk/dv pass, which runs after it on the same stream, for
+    # whole dq tiles: the dk/dv loop then reads its query tiles without a mask.
+    rows_pad, covered = _padded_rows(q_len, dq_config.block_m, dkdv_config.block_m)
+    delta = torch.empty(batch * heads, rows_pad, dtype=torch.float32, device=q.device)
+    lse2 = torch.empty(batch * heads, rows_pad, dtype=torch.float32, device=q.device)
+    if covered < rows_pad:
+        delta[:, covered:].zero_(), lse2[:, covered:].fill_(math.inf)
     # d lse / d score = p: a gradient on lse enters dS as a shift of delta.
     has_dlse = grad_lse is not None
     dlse = grad_lse.contiguous() if has_dlse else lse
@@ -394,17 +398,27 @@ def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, g
     run_fitted(kernels.module.attention_backward_dq,
                (triton_cdiv(q_len, dq_config.block_m), batch * heads),
                (q, k, v, grad_out, out, lse, dlse, lse2, delta, dq, *common, *out.stride(),
-                *dq.stride(), q_len, kv_len, heads, group, call.scale, exact_q, *args, *grad_args),
+                *dq.stride(), q_len, kv_len, heads, group, call.scale, exact_q, rows_pad, *args,
+                *grad_args),
                dq_config, "block_n", (settings.key, 1, dq_tma, tensor_grads, has_dlse),
                settings.device, dict(TENSOR_GRADS=tensor_grads, TMA=dq_tma, HAS_DLSE=has_dlse,
                                      SPLIT_BIAS=settings.split_bias, **settings.constants))
     run_fitted(kernels.module.attention_backward_dkdv,
                (triton_cdiv(kv_len, dkdv_config.block_n), batch * kv_heads),
                (q, k, v, grad_out, lse2, delta, dk, dv, *common, *dk.stride(), *dv.stride(),
-                q_len, kv_len, heads, group, call.scale, exact_k, *args),
+                q_len, kv_len, heads, group, call.scale, exact_k, rows_pad, *args),
                dkdv_config, "block_m", (settings.key, 2, dkdv_tma), settings.device,
                dict(TMA=dkdv_tma, SPLIT_BIAS=settings.split_bias_dkdv, **settings.constants))
     return dq, dk, dv, grads
+
+
+def _padded_rows(q_len: int, dq_rows: int, dkdv_rows: int) -> tuple[int, int]:
+    """Rows a head of the backward's delta and lse2 buffers: whole tiles of both passes. And
+    how many of them the dq pass writes (whole dq tiles); the rest the caller fills, which
+    only a dk/dv query tile that does not divide the dq tile needs."""
+    covered = triton_cdiv(q_len, dq_rows) * dq_rows
+    tile = math.lcm(dq_rows, dkdv_rows)
+    return triton_cdiv(q_len, tile) * tile, covered
 
 
 def triton_cdiv(a: int, b: int) -> int:

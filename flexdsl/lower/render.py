@@ -549,9 +549,12 @@ def _recompute(product: str, score_code: str, mask: str, rows: str, dp: str,
     rows' log-sum-exp in base 2 (less their part of a separable bias)."""
     lines = [
         *_scaled_score(product, score_code, split, first),
+        # Masked after lse2 is taken off, not before: the scale and the subtraction fuse into
+        # one multiply-add on every tile (a select between them kept them apart).
+        f"z = s2 - {lse2}{rows}",
         "if masked:",
-        f"    s2 = tl.where({mask}, s2, -float(\"inf\"))",
-        f"p = tl.exp2(s2 - {lse2}{rows})",
+        f"    z = tl.where({mask}, z, -float(\"inf\"))",
+        "p = tl.exp2(z)",
         *after_p,
         f"dp = {dp}",
         f"ds = p * (dp - delta{rows})",
@@ -664,10 +667,9 @@ def _dkdv_body(score_code, mask, d_score, split: _SplitBias | None, window: _Win
         "if DOT_F32:",
         "    q_t = q_t.to(tl.float32)",
         "    do = do.to(tl.float32)",
-        "lse2 = tl.load(LSE2 + off_bh.to(tl.int64) * q_len + q_rows_t, mask=q_rows_t < q_len, "
-        "other=float(\"inf\"))",
-        "delta = tl.load(DELTA + off_bh.to(tl.int64) * q_len + q_rows_t, "
-        "mask=q_rows_t < q_len, other=0.0)",
+        # Whole rows, no mask: the dq pass wrote rows_pad a head (+inf and 0 past q_len).
+        "lse2 = tl.load(LSE2 + off_bh.to(tl.int64) * rows_pad + q_rows_t)",
+        "delta = tl.load(DELTA + off_bh.to(tl.int64) * rows_pad + q_rows_t)",
         *window.values("start_m", "start_n * BLOCK_N", "BLOCK_N, BLOCK_M"),
         "masked = (start_m < f_start) | (start_m >= f_stop)",
         # A separable bias, split where SPLIT_BIAS says (launch.py: it spills registers at
