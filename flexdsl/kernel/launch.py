@@ -415,7 +415,9 @@ def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, g
 def _padded_rows(q_len: int, dq_rows: int, dkdv_rows: int) -> tuple[int, int]:
     """Rows a head of the backward's delta and lse2 buffers: whole tiles of both passes. And
     how many of them the dq pass writes (whole dq tiles); the rest the caller fills, which
-    only a dk/dv query tile that does not divide the dq tile needs."""
+    only a dk/dv query tile that does not divide the dq tile needs. The dk/dv loop reads
+    whole tiles of its query range, which starts on a tile and ends before q_len; a smaller
+    tile from the shared-memory fallback (a half, a quarter) reads no further."""
     covered = triton_cdiv(q_len, dq_rows) * dq_rows
     tile = math.lcm(dq_rows, dkdv_rows)
     return triton_cdiv(q_len, tile) * tile, covered
