@@ -343,9 +343,9 @@ def forward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, call: Call,
     run_fitted(kernels.module.attention_forward, grid,
                (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                 q_len, kv_len, heads, heads // kv_heads, call.scale, exact_q, *args),
-               config, "block_n", (settings.key, 0, tma, pos_scale), settings.device,
+               config, "block_n", (settings.key, 0, tma, pos_scale, exact_q), settings.device,
                dict(POS_SCALE=pos_scale, TMA=tma, SPLIT_BIAS=settings.split_bias,
-                    **settings.constants))
+                    EXACT_RUNS=bool(exact_q), **settings.constants))
     return out, lse
 
 
@@ -400,15 +400,17 @@ def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, g
                (q, k, v, grad_out, out, lse, dlse, lse2, delta, dq, *common, *out.stride(),
                 *dq.stride(), q_len, kv_len, heads, group, call.scale, exact_q, rows_pad, *args,
                 *grad_args),
-               dq_config, "block_n", (settings.key, 1, dq_tma, tensor_grads, has_dlse),
+               dq_config, "block_n", (settings.key, 1, dq_tma, tensor_grads, has_dlse, exact_q),
                settings.device, dict(TENSOR_GRADS=tensor_grads, TMA=dq_tma, HAS_DLSE=has_dlse,
-                                     SPLIT_BIAS=settings.split_bias, **settings.constants))
+                                     SPLIT_BIAS=settings.split_bias, EXACT_RUNS=bool(exact_q),
+                                     **settings.constants))
     run_fitted(kernels.module.attention_backward_dkdv,
                (triton_cdiv(kv_len, dkdv_config.block_n), batch * kv_heads),
                (q, k, v, grad_out, lse2, delta, dk, dv, *common, *dk.stride(), *dv.stride(),
                 q_len, kv_len, heads, group, call.scale, exact_k, rows_pad, *args),
-               dkdv_config, "block_m", (settings.key, 2, dkdv_tma), settings.device,
-               dict(TMA=dkdv_tma, SPLIT_BIAS=settings.split_bias_dkdv, **settings.constants))
+               dkdv_config, "block_m", (settings.key, 2, dkdv_tma, exact_k), settings.device,
+               dict(TMA=dkdv_tma, SPLIT_BIAS=settings.split_bias_dkdv, EXACT_RUNS=bool(exact_k),
+                    **settings.constants))
     return dq, dk, dv, grads
 
 
