@@ -422,6 +422,18 @@ def test_unsorted_documents_stay_correct():
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("spec", ["where doc[q] == doc[kv] and q >= kv",
+                                  "score + slope[h] * (kv - q) where doc[q] == doc[kv]"])
+def test_unsorted_documents_forward_and_backward(spec):
+    # Unsorted ids: the runs are the whole range, so every tile is partial and the kernels
+    # compare the ids, in all three passes.
+    def unsorted(batch, heads, q_len, kv_len, gen, device):
+        return torch.randint(0, 3, (max(q_len, kv_len),), generator=gen).to(device)
+    tensors = {"doc": unsorted, **({"slope": alibi_slopes} if "slope" in spec else {})}
+    case = Case("unsorted_documents", spec, tensors=tensors)
+    _check(case, 37, 45, torch.float32, seed=41)
+
+
 def test_strided_inputs_and_head_dim_padding():
     # Non-contiguous views (heads and length swapped) and a head dim of 24, padded to 32.
     attn = flexdsl.compile("where 0 <= q - kv < W", options=TRITON, W=9)
