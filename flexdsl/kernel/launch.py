@@ -381,7 +381,8 @@ def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, g
     delta = torch.empty(batch * heads, rows_pad, dtype=torch.float32, device=q.device)
     lse2 = torch.empty(batch * heads, rows_pad, dtype=torch.float32, device=q.device)
     if covered < rows_pad:
-        delta[:, covered:].zero_(), lse2[:, covered:].fill_(math.inf)
+        delta[:, covered:].zero_()
+        lse2[:, covered:].fill_(math.inf)
     # d lse / d score = p: a gradient on lse enters dS as a shift of delta.
     has_dlse = grad_lse is not None
     dlse = grad_lse.contiguous() if has_dlse else lse

@@ -300,7 +300,7 @@ def _corner(split: _SplitBias, indent: str) -> list[str]:
     # B at the anchor is infinite only where a table the bias reads by head or batch is (a
     # head switched off with -inf): then every score of the program is, and its rows are
     # empty; sep_ok keeps inf - inf out of them (_SPLIT_GUARD, and the lse terms).
-    return [f"{indent}sep_aa = {split.corner}", f"{indent}sep_ok = sep_aa - sep_aa == 0.0"]
+    return [f"{indent}sep_aa = {split.corner}", f"{indent}sep_ok = _finite(sep_aa)"]
 
 
 @dataclass(frozen=True)
