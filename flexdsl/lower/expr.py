@@ -67,6 +67,10 @@ class Lowering:
     # Float tables and parameters read as 0 where they are inf or nan (``_finite_or_zero``):
     # see render._split_bias.
     finite_inputs: bool = False
+    # With a name for the tile's raw dot product (qk, unscaled), float arithmetic gathers the
+    # values fixed per program (the scale, parameters, literals, log2(e)) into one factor
+    # that the compiler computes once, out of the loop: see ``scaled``.
+    raw_score: str | None = None
     _exact: int = field(default=0, init=False, repr=False)   # depth inside compares, floors
 
     def expr(self, node: ir.Expr) -> str:
@@ -78,6 +82,8 @@ class Lowering:
         """The node's value as fp32 text."""
         if isinstance(node, ir.Num):
             return repr(float(node.value))
+        if self.raw_score and not self._exact and self.type_of(node) == FLOAT:
+            return self.scaled(node, ())
         text = self.expr(node)
         if self.type_of(node) == FLOAT:
             return text
@@ -85,6 +91,38 @@ class Lowering:
             # An integer constant (a derivative such as -1) is a Python int in the kernel.
             return f"({text} + 0.0)"
         return f"({text}).to(tl.float32)"
+
+    def scaled(self, node: ir.Expr, factors: tuple[str, ...]) -> str:
+        """fp32 text of ``node`` times the product of ``factors``, values fixed per program.
+
+        The factors move down through sums (a multiply then fuses with each add) and through
+        products with the node's own per-program operands, and meet the score as one
+        multiplier of the raw dot product: ``cap * tanh(score / cap)`` in base 2 costs two
+        multiplies an element, ``tanh(qk * c1) * c2``, instead of four. Each subexpression
+        gets the same text wherever it occurs, so the compiler computes it once (the
+        backward's derivative reuses the forward's tanh)."""
+        if isinstance(node, ir.Name) and node.id == ir.SCORE:
+            return f"({self.raw_score} * {_product(('sm_scale', *factors))})"
+        if self.type_of(node) == FLOAT and not isinstance(node, ir.Num):
+            if isinstance(node, ir.Unary) and node.op == "-":
+                return f"(-{self.scaled(node.operand, factors)})"
+            if isinstance(node, ir.Binary) and node.op in ("+", "-"):
+                return f"({self.scaled(node.left, factors)} {node.op} " \
+                       f"{self.scaled(node.right, factors)})"
+            if isinstance(node, ir.Binary) and node.op == "*":
+                left, right = node.left, node.right
+                if _uniform(left) and not _uniform(right):
+                    left, right = right, left
+                if _uniform(right):
+                    return self.scaled(left, (*factors, self.floating(right)))
+                if ir.SCORE not in ir.names(left):
+                    left, right = right, left
+                return f"({self.scaled(left, factors)} * {self.floating(right)})"
+            if isinstance(node, ir.Binary) and node.op == "/" and _uniform(node.right) \
+                    and self.reciprocal:
+                return self.scaled(node.left, (*factors, f"(1.0 / {self.floating(node.right)})"))
+        text = self.expr(node) if self.type_of(node) == FLOAT else self.floating(node)
+        return f"({text} * {_product(factors)})" if factors else text
 
     def _as(self, node: ir.Expr, dtype: str) -> str:
         return self.floating(node) if dtype == FLOAT else self.expr(node)
@@ -99,7 +137,7 @@ class Lowering:
         if node.id in self.positions:
             return self.positions[node.id]
         if node.id == ir.SCORE:
-            return "score"
+            return f"({self.raw_score} * sm_scale)" if self.raw_score else "score"
         if node.id in ir.LENGTHS:
             return node.id
         if self.finite_inputs and self.type_of(node) == FLOAT:
@@ -221,6 +259,10 @@ class Lowering:
                    f"{self.expr(node.orelse)})"
         return (f"tl.where({self.expr(node.test)}, {self._as(node.then, dtype)}, "
                 f"{self._as(node.orelse, dtype)})")
+
+
+def _product(factors: tuple[str, ...]) -> str:
+    return factors[0] if len(factors) == 1 else "(" + " * ".join(factors) + ")"
 
 
 def _uniform(node: ir.Expr) -> bool:

@@ -78,7 +78,7 @@ def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivati
     tile = Lowering(type_of, {"q": "q_idx", "kv": "kv_idx", "b": "b", "h": "h"},
                     {"q": "q_ok", "kv": "kv_ok"}, divisors={}, reciprocal=True,
                     computed={term: _Window.name(i, type_of(term))
-                              for i, term in enumerate(diagonals)})
+                              for i, term in enumerate(diagonals)}, raw_score="qk")
     score_code = _score_code(spec, tile)
     window = _Window.of(diagonals, type_of, tile.divisors)
     separable = separable_bias(spec)
@@ -362,9 +362,9 @@ def _scaled_score(product: str, score_code: str, split: _SplitBias | None,
     """Lines that leave the score expression in base-2 units in ``s2``. A separable bias is
     split where the constexpr SPLIT_BIAS is true (launch.py), after the lines ``first``
     (the dk/dv pass's per-step anchor terms, guarded where ``split.guarded``)."""
-    if score_code == "s_mod = score":
+    if score_code is None:
         return [f"s2 = {product} * qk_scale"]  # one multiply: the scale folded into log2(e)
-    whole = [f"score = {product} * sm_scale", score_code, "s2 = s_mod * _LOG2E"]
+    whole = ([] if product == "qk" else [f"qk = {product}"]) + [score_code]
     if split is None:
         return whole
     # One multiply-add per element, as for a plain score; the rows' part is in lse.
@@ -376,10 +376,18 @@ def _scaled_score(product: str, score_code: str, split: _SplitBias | None,
             "else:", *("    " + line for line in whole)]
 
 
-def _score_code(spec: CheckedSpec, tile: Lowering) -> str:
+def _score_code(spec: CheckedSpec, tile: Lowering) -> str | None:
+    """The line that leaves the score expression, in base-2 units, in ``s2`` (None for the
+    plain score): ``tile`` gathers sm_scale, log2(e) and the expression's own per-program
+    factors into one multiplier of each term (``Lowering.scaled``)."""
     if spec.spec.score == ir.Name(ir.SCORE):
-        return "s_mod = score"
-    return f"s_mod = {tile.floating(spec.spec.score)} + tl.zeros_like(score)"
+        return None
+    s2 = tile.scaled(spec.spec.score, ("_LOG2E",))
+    if ir.SCORE in ir.names(spec.spec.score):
+        return f"s2 = {s2}"
+    # Broadcast to the tile: the expression may be a row's or a column's value, or one value.
+    # (Not with the score: adding +0.0 is an add the compiler must keep, for -0.0.)
+    return f"s2 = {s2} + tl.zeros_like(qk)"
 
 
 @dataclass(frozen=True)
@@ -493,7 +501,7 @@ def _forward_body(score_code: str, mask: _Mask, split: _SplitBias | None,
     """One key tile of the online softmax. One loop visits every tile of the hull and masks
     only the tiles outside the full range: three loops (masked, full, masked) held more
     values live at once and spilled registers."""
-    identity = score_code == "s_mod = score"
+    identity = score_code is None
     lines = [*_key_tile("v = tl.load(v_base + kv_cols[:, None] * svn + offs_d[None, :] * svd, "
                         "mask=(kv_cols[:, None] < kv_len) & d_ok[None, :], other=0.0)",
                         "v_tiles.load([start_n, 0])"),
