@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -294,16 +294,20 @@ def _on_tensors_device(launch):
 
 @dataclass
 class Call:
-    """Everything a launch needs beyond q, k, v: scalars and the spec's tensor arguments."""
+    """Everything a launch needs beyond q, k, v: scalars and the spec's tensor arguments.
+    A backward given its forward's Call reuses the kernel arguments the forward worked out."""
     scale: float
     params: dict
     tensors: dict
+    arguments: tuple | None = field(default=None, repr=False)
 
 
 def spec_arguments(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, call: Call):
     """The spec-specific arguments (parameters, tensors with strides and sizes) and the two
     flags that say whether the sorted-lookup run tensors are exact. The run tensors are made
     once per ids tensor (``document_tensors`` keeps them): a backward finds its forward's."""
+    if call.arguments is not None:
+        return call.arguments
     q_len, kv_len = q.shape[2], k.shape[2]
     if analysis.by_query.positive:
         values = {"q_len": q_len, "kv_len": kv_len, **call.params}
@@ -319,7 +323,8 @@ def spec_arguments(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, call: Ca
         args.append(value)
         args.extend(value.stride())
         args.extend(value.shape)
-    return args, int(exact_q), int(exact_k)
+    call.arguments = (args, int(exact_q), int(exact_k))
+    return call.arguments
 
 
 @_on_tensors_device

@@ -139,11 +139,13 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key, scale, params, *tensors):
         entry = registry[key]
-        out, lse = entry.forward(q, k, v, entry.call(scale, params, tensors))
+        call = entry.call(scale, params, tensors)
+        out, lse = entry.forward(q, k, v, call)
         # An unused output's gradient comes as None, not as zeros to allocate, fill and read.
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, out, lse, *tensors)
-        ctx.entry, ctx.scale, ctx.params = entry, scale, params
+        # The backward launches with the forward's call: its kernel arguments are worked out.
+        ctx.entry, ctx.call = entry, call
         return out, lse
 
     @staticmethod
@@ -163,8 +165,7 @@ class _EagerAttention(torch.autograd.Function):
         entry = ctx.entry
         needs = ctx.needs_input_grad[6:]
         wanted = {name for name, need in zip(entry.tensors, needs) if need}
-        dq, dk, dv, grads = entry.backward(q, k, v, out, lse, grad_out, grad_lse,
-                                           entry.call(ctx.scale, ctx.params, tensors),
+        dq, dk, dv, grads = entry.backward(q, k, v, out, lse, grad_out, grad_lse, ctx.call,
                                            tensor_grads=bool(wanted & set(entry.gradient_tensors)))
         by_name = dict(zip(entry.gradient_tensors, grads))
         return (dq, dk, dv, None, None, None,
