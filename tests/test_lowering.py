@@ -47,6 +47,10 @@ def test_gathered_factors_keep_the_value(score):
     actual = eval(gathered.scaled(tree, ("_LOG2E",)), names)
     torch.testing.assert_close(actual + torch.zeros_like(qk), expected + torch.zeros_like(qk),
                                rtol=1e-12, atol=1e-12)
+    # Without a raw product the score is the scaled variable ``score``, taken as it is.
+    unnamed = eval(plain.scaled(tree, ("_LOG2E",)), {**names, "score": qk * 0.37})
+    torch.testing.assert_close(unnamed + torch.zeros_like(qk), expected + torch.zeros_like(qk),
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_soft_capping_costs_two_multiplies_an_element():

@@ -101,7 +101,7 @@ class Lowering:
         multiplies an element, ``tanh(qk * c1) * c2``, instead of four. Each subexpression
         gets the same text wherever it occurs, so the compiler computes it once (the
         backward's derivative reuses the forward's tanh)."""
-        if isinstance(node, ir.Name) and node.id == ir.SCORE:
+        if isinstance(node, ir.Name) and node.id == ir.SCORE and self.raw_score:
             return f"({self.raw_score} * {_product(('sm_scale', *factors))})"
         if self.type_of(node) == FLOAT and not isinstance(node, ir.Num):
             if isinstance(node, ir.Unary) and node.op == "-":
