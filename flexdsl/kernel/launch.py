@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -294,20 +294,16 @@ def _on_tensors_device(launch):
 
 @dataclass
 class Call:
-    """Everything a launch needs beyond q, k, v: scalars and the spec's tensor arguments.
-    A backward given its forward's Call reuses the kernel arguments the forward worked out."""
+    """Everything a launch needs beyond q, k, v: scalars and the spec's tensor arguments."""
     scale: float
     params: dict
     tensors: dict
-    arguments: tuple | None = field(default=None, repr=False)
 
 
 def spec_arguments(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, call: Call):
     """The spec-specific arguments (parameters, tensors with strides and sizes) and the two
     flags that say whether the sorted-lookup run tensors are exact. The run tensors are made
     once per ids tensor (``document_tensors`` keeps them): a backward finds its forward's."""
-    if call.arguments is not None:
-        return call.arguments
     q_len, kv_len = q.shape[2], k.shape[2]
     if analysis.by_query.positive:
         values = {"q_len": q_len, "kv_len": kv_len, **call.params}
@@ -323,8 +319,7 @@ def spec_arguments(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, call: Ca
         args.append(value)
         args.extend(value.stride())
         args.extend(value.shape)
-    call.arguments = (args, int(exact_q), int(exact_k))
-    return call.arguments
+    return args, int(exact_q), int(exact_k)
 
 
 @_on_tensors_device

@@ -139,13 +139,11 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key, scale, params, *tensors):
         entry = registry[key]
-        call = entry.call(scale, params, tensors)
-        out, lse = entry.forward(q, k, v, call)
+        out, lse = entry.forward(q, k, v, entry.call(scale, params, tensors))
         # An unused output's gradient comes as None, not as zeros to allocate, fill and read.
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, out, lse, *tensors)
-        # The backward launches with the forward's call: its kernel arguments are worked out.
-        ctx.entry, ctx.call = entry, call
+        ctx.entry, ctx.scale, ctx.params = entry, scale, params
         return out, lse
 
     @staticmethod
@@ -165,7 +163,8 @@ class _EagerAttention(torch.autograd.Function):
         entry = ctx.entry
         needs = ctx.needs_input_grad[6:]
         wanted = {name for name, need in zip(entry.tensors, needs) if need}
-        dq, dk, dv, grads = entry.backward(q, k, v, out, lse, grad_out, grad_lse, ctx.call,
+        dq, dk, dv, grads = entry.backward(q, k, v, out, lse, grad_out, grad_lse,
+                                           entry.call(ctx.scale, ctx.params, tensors),
                                            tensor_grads=bool(wanted & set(entry.gradient_tensors)))
         by_name = dict(zip(entry.gradient_tensors, grads))
         return (dq, dk, dv, None, None, None,
