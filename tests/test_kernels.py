@@ -245,6 +245,7 @@ def test_terms_read_along_diagonals(case, q_len, kv_len):
     attn = flexdsl.compile(case.spec, **case.params)
     source = render(attn.spec, attn.analysis, attn.derivatives, fast_tanh=False).text
     assert source.count("win0 = tl.gather(") == 3     # forward, dq and dk/dv
+    assert source.count("win0") >= 6                   # ... and each pass reads it
     _check(case, q_len, kv_len, torch.float32, seed=q_len + 2 * kv_len)
 
 
@@ -425,8 +426,9 @@ def test_unsorted_documents_stay_correct():
 @pytest.mark.parametrize("spec", ["where doc[q] == doc[kv] and q >= kv",
                                   "score + slope[h] * (kv - q) where doc[q] == doc[kv]"])
 def test_unsorted_documents_forward_and_backward(spec):
-    # Sorted ids: a partial tile tests each row's run (EXACT_RUNS); unsorted ones: the runs
-    # are the whole range, so the kernels must evaluate the comparison of ids instead.
+    # Sorted ids (the other documents tests) have partial tiles test each row's run
+    # (EXACT_RUNS); for unsorted ones the runs are the whole range, and the kernels must
+    # compare the ids instead.
     def unsorted(batch, heads, q_len, kv_len, gen, device):
         return torch.randint(0, 3, (max(q_len, kv_len),), generator=gen).to(device)
     tensors = {"doc": unsorted, **({"slope": alibi_slopes} if "slope" in spec else {})}

@@ -2,7 +2,8 @@
 
 The kernel templates define a fixed set of names the text may use: ``q_idx`` ([BLOCK_M, 1] or
 [BLOCK_M] int32), ``kv_idx`` ([1, BLOCK_N] or [BLOCK_N]), ``b``, ``h``, ``q_len``, ``kv_len``,
-``score``, the parameters (``p_<name>``), and per tensor a pointer ``t_<name>``, its strides
+the score (``score``; or, where the lowering is given ``raw_score``, that raw dot product and
+``sm_scale``), the parameters (``p_<name>``), and per tensor a pointer ``t_<name>``, its strides
 ``t_<name>_s<i>`` and sizes ``t_<name>_n<i>``. Python-semantics ``//`` and ``%`` (by a literal, by
 a per-program value, by a per-element value) and the transcendental functions are helpers the
 templates define (``_fdiv_prepared``, ``_fdiv_s``, ``_fdiv``, ``_tanh``...).
@@ -95,20 +96,21 @@ class Lowering:
     def scaled(self, node: ir.Expr, factors: tuple[str, ...]) -> str:
         """fp32 text of ``node`` times the product of ``factors``, values fixed per program.
 
-        The factors move down through sums (a multiply then fuses with each add) and through
-        products with the node's own per-program operands, and meet the score as one
-        multiplier of the raw dot product: ``cap * tanh(score / cap)`` in base 2 costs two
-        multiplies an element, ``tanh(qk * c1) * c2``, instead of four. Each subexpression
-        gets the same text wherever it occurs, so the compiler computes it once (the
-        backward's derivative reuses the forward's tanh)."""
+        The factors gather with the node's own per-program factors through products,
+        quotients by a per-program value and negation, and meet the score as one multiplier
+        of the raw dot product: ``cap * tanh(score / cap)`` in base 2 costs two multiplies an
+        element, ``tanh(qk * c1) * c2``, instead of four. A sum takes them as one multiply
+        of its whole value: ``(qk * sm_scale + b) * c`` is a fused multiply-add and a
+        multiply, as the sum distributed would be, and the backward's ``s2 - lse2`` fuses
+        with that multiply; distributed, infinite or huge terms could also differ (inf - inf).
+        Each subexpression gets the same text wherever it occurs, so the compiler computes it
+        once (the backward's derivative reuses the forward's tanh)."""
         if isinstance(node, ir.Name) and node.id == ir.SCORE and self.raw_score:
             return f"({self.raw_score} * {_product(('sm_scale', *factors))})"
-        if self.type_of(node) == FLOAT and not isinstance(node, ir.Num):
+        if self.type_of(node) == FLOAT and not isinstance(node, ir.Num) \
+                and node not in self.computed:
             if isinstance(node, ir.Unary) and node.op == "-":
                 return f"(-{self.scaled(node.operand, factors)})"
-            if isinstance(node, ir.Binary) and node.op in ("+", "-"):
-                return f"({self.scaled(node.left, factors)} {node.op} " \
-                       f"{self.scaled(node.right, factors)})"
             if isinstance(node, ir.Binary) and node.op == "*":
                 left, right = node.left, node.right
                 if _uniform(left) and not _uniform(right):
@@ -121,6 +123,8 @@ class Lowering:
             if isinstance(node, ir.Binary) and node.op == "/" and _uniform(node.right) \
                     and self.reciprocal:
                 return self.scaled(node.left, (*factors, f"(1.0 / {self.floating(node.right)})"))
+        # Anything else (a sum, a call, a lookup, a term read along the diagonals) is one
+        # value; its own operands gather their factors through floating().
         text = self.expr(node) if self.type_of(node) == FLOAT else self.floating(node)
         return f"({text} * {_product(factors)})" if factors else text
 
