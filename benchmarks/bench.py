@@ -5,6 +5,8 @@
     python benchmarks/bench.py --cases causal,softcap --shapes 2x16x4096 --dims 64
 
 Timing: CUDA events through triton.testing.do_bench, after warm-up, median of the runs.
+With --rounds N each system is timed N times, interleaved with the others, and reports the
+median of its rounds: steps short enough to be bound by the host swing with its load.
 TFLOP/s counts only kept positions: 4*B*H*Sq*Skv*D*density forward, 3.5x that for
 forward+backward. FlexAttention runs compiled, with its BlockMask built beforehand (its build
 is timed separately). Prints one row per case, then geometric means of flexdsl / FlexAttention.
@@ -143,18 +145,16 @@ def run_case(case: Case, batch, heads, kv_heads, length, dim, flex, results, arg
     row = {"case": case.name, "shape": f"{batch}x{heads}x{length}", "dim": dim,
            "gqa": f"{heads}:{kv_heads}", "density": dens}
 
-    def timed(name, forward):
+    def measure(forward):
         def fwd_bwd():
             out = forward()
             out.backward(grad)
         fwd_ms = bench(lambda: forward())
         both_ms = bench(fwd_bwd) if not args.forward_only else float("nan")
-        row[name] = {"fwd_ms": fwd_ms, "fwd_tflops": flops / fwd_ms / 1e9,
-                     "fwdbwd_ms": both_ms, "fwdbwd_tflops": 3.5 * flops / both_ms / 1e9}
+        return fwd_ms, both_ms
 
-    timed("flexdsl", lambda: attn(q, k, v, **tensors))
-    if args.profile:
-        row["flexdsl_kernels"] = kernel_times(lambda: attn(q, k, v, **tensors), grad)
+    flexdsl_call = lambda: attn(q, k, v, **tensors)  # noqa: E731
+    systems = {"flexdsl": flexdsl_call}
     score_mod = case.score_mod(params, tensors) if case.score_mod else None
     mask_mod = case.mask_mod(params, tensors) if case.mask_mod else None
     block_mask = None
@@ -166,15 +166,8 @@ def run_case(case: Case, batch, heads, kv_heads, length, dim, flex, results, arg
         torch.cuda.synchronize()
         row["block_mask_ms"] = 1e3 * (time.perf_counter() - start)
     enable_gqa = heads != kv_heads
-    timed("flex", lambda: flex(q, k, v, score_mod=score_mod, block_mask=block_mask,
-                               enable_gqa=enable_gqa))
-    if args.profile:
-        row["flex_kernels"] = kernel_times(
-            lambda: flex(q, k, v, score_mod=score_mod, block_mask=block_mask,
-                         enable_gqa=enable_gqa), grad)
-        for name in ("flexdsl_kernels", "flex_kernels"):
-            print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row[name].items()),
-                  flush=True)
+    systems["flex"] = lambda: flex(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                   enable_gqa=enable_gqa)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
     for name in case.sdpa:
@@ -182,10 +175,37 @@ def run_case(case: Case, batch, heads, kv_heads, length, dim, flex, results, arg
             with sdpa_kernel(backend):
                 return torch.nn.functional.scaled_dot_product_attention(
                     q, k, v, is_causal=case.causal, enable_gqa=enable_gqa)
-        try:
-            timed(f"sdpa_{name}", call)
-        except RuntimeError as error:
-            row[f"sdpa_{name}"] = {"error": str(error)[:80]}
+        systems[f"sdpa_{name}"] = call
+
+    # Rounds interleave the systems (flexdsl, flex, sdpa..., flexdsl, ...): a step short
+    # enough to be bound by the host is timed in several stretches of the host's load, and
+    # each system gets the median of its rounds.
+    rounds = {name: [] for name in systems}
+    for _ in range(args.rounds):
+        for name, forward in systems.items():
+            if name in row:   # failed in an earlier round
+                continue
+            try:
+                rounds[name].append(measure(forward))
+            except RuntimeError as error:
+                if not name.startswith("sdpa_"):
+                    raise
+                row[name] = {"error": str(error)[:80]}
+    for name, times in rounds.items():
+        if name in row:
+            continue
+        fwd_ms = statistics.median(t[0] for t in times)
+        both_ms = statistics.median(t[1] for t in times)
+        row[name] = {"fwd_ms": fwd_ms, "fwd_tflops": flops / fwd_ms / 1e9,
+                     "fwdbwd_ms": both_ms, "fwdbwd_tflops": 3.5 * flops / both_ms / 1e9}
+        if args.rounds > 1:
+            row[name]["rounds"] = times
+    if args.profile:
+        row["flexdsl_kernels"] = kernel_times(flexdsl_call, grad)
+        row["flex_kernels"] = kernel_times(systems["flex"], grad)
+        for name in ("flexdsl_kernels", "flex_kernels"):
+            print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row[name].items()),
+                  flush=True)
     results.append(row)
     _print_row(row)
 
@@ -285,6 +305,8 @@ def main(argv=None):
     parser.add_argument("--no-extra", action="store_true", help="skip GQA, short and compile rows")
     parser.add_argument("--extra-only", action="store_true", help="only GQA, short and compile rows")
     parser.add_argument("--json", default="")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time the systems this many times, interleaved; report medians")
     parser.add_argument("--profile", action="store_true",
                         help="also print each kernel's device time per fwd+bwd step")
     args = parser.parse_args(argv)
