@@ -342,7 +342,7 @@ def forward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, call: Call,
     pos_scale = call.scale > 0
     run_fitted(kernels.module.attention_forward, grid,
                (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                q_len, kv_len, heads, heads // kv_heads, call.scale, exact_q, *args),
+                q_len, kv_len, heads, heads // kv_heads, call.scale, *args),
                config, "block_n", (settings.key, 0, tma, pos_scale, exact_q), settings.device,
                dict(POS_SCALE=pos_scale, TMA=tma, SPLIT_BIAS=settings.split_bias,
                     EXACT_RUNS=bool(exact_q), **settings.constants))
@@ -399,7 +399,7 @@ def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, g
     run_fitted(kernels.module.attention_backward_dq,
                (triton_cdiv(q_len, dq_config.block_m), batch * heads),
                (q, k, v, grad_out, out, lse, dlse, lse2, delta, dq, *common, *out.stride(),
-                *dq.stride(), q_len, kv_len, heads, group, call.scale, exact_q, rows_pad, *args,
+                *dq.stride(), q_len, kv_len, heads, group, call.scale, rows_pad, *args,
                 *grad_args),
                dq_config, "block_n", (settings.key, 1, dq_tma, tensor_grads, has_dlse, exact_q),
                settings.device, dict(TENSOR_GRADS=tensor_grads, TMA=dq_tma, HAS_DLSE=has_dlse,
@@ -408,7 +408,7 @@ def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, g
     run_fitted(kernels.module.attention_backward_dkdv,
                (triton_cdiv(kv_len, dkdv_config.block_n), batch * kv_heads),
                (q, k, v, grad_out, lse2, delta, dk, dv, *common, *dk.stride(), *dv.stride(),
-                q_len, kv_len, heads, group, call.scale, exact_k, rows_pad, *args),
+                q_len, kv_len, heads, group, call.scale, rows_pad, *args),
                dkdv_config, "block_m", (settings.key, 2, dkdv_tma, exact_k), settings.device,
                dict(TMA=dkdv_tma, SPLIT_BIAS=settings.split_bias_dkdv, EXACT_RUNS=bool(exact_k),
                     **settings.constants))

@@ -108,7 +108,7 @@ def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivati
                                      + (_SPLIT_GUARD if split else ""), " " * 4).rstrip(),
         "KEY_DESCRIPTORS": _KEY_DESCRIPTORS.rstrip(),
         "FWD_BOUNDS": _bounds_code(analysis.by_query, type_of, "q_idx_rows", "kv_len",
-                                   "docs_exact_q", indent=4),
+                                   indent=4),
         "DIVISORS": _prepare(divisors, indent=4),
         "FWD_BODY": _forward_body(score_code, mask, split, window),
         "FWD_SCORE_SETUP": window.setup(rows_first=True)
@@ -197,8 +197,7 @@ def _dkdv_loop(analysis: MaskAnalysis, type_of, body: str, divisors: list[Diviso
     fixed = [d for d in divisors if not d.per_head]
     by_head = [d for d in divisors if d.per_head]
     if per_head:
-        bounds = _bounds_code(analysis.by_key, type_of, "kv_idx_rows", "q_len", "docs_exact_k",
-                              indent=8)
+        bounds = _bounds_code(analysis.by_key, type_of, "kv_idx_rows", "q_len", indent=8)
         return "\n".join([
             _prepare(fixed, indent=4),
             "    for g in range(0, group):",
@@ -210,8 +209,7 @@ def _dkdv_loop(analysis: MaskAnalysis, type_of, body: str, divisors: list[Diviso
             textwrap.indent(body, " " * 12),
         ])
     assert not by_head, "divisors that name h need the nested loops"
-    bounds = _bounds_code(analysis.by_key, type_of, "kv_idx_rows", "q_len", "docs_exact_k",
-                          indent=4)
+    bounds = _bounds_code(analysis.by_key, type_of, "kv_idx_rows", "q_len", indent=4)
     return "\n".join([
         bounds,
         textwrap.indent(_QUERY_RANGE, " " * 4).rstrip(),
@@ -421,8 +419,7 @@ def _interval_test(solved: Solved, col: str) -> str | None:
                       for j in range(len(solved.conjunctions)))
 
 
-def _bounds_code(solved: Solved, type_of, rows: str, col_len: str, docs_flag: str,
-                 indent: int) -> str:
+def _bounds_code(solved: Solved, type_of, rows: str, col_len: str, indent: int) -> str:
     """Per-row bounds reduced to a hull [span_lo, span_hi] and a full range [full_lo, full_hi]."""
     row_var = solved.row
     lower = Lowering(type_of, {row_var: rows, "b": "b", "h": "h"}, {row_var: "row_ok"})
@@ -450,7 +447,7 @@ def _bounds_code(solved: Solved, type_of, rows: str, col_len: str, docs_flag: st
             lines.append(f"f_lo{j} = tl.max(tl.where(row_ok, lo{j}, -1), 0)")
             lines.append(f"f_hi{j} = tl.min(tl.where(row_ok, hi{j}, {col_len}), 0)")
             if c.documents:  # unsorted lookups make the run tensors trivial: not a full range
-                lines.append(f"f_hi{j} = tl.where({docs_flag} != 0, f_hi{j}, f_lo{j} - 1)")
+                lines += ["if not EXACT_RUNS:", f"    f_hi{j} = f_lo{j} - 1"]
             lines.append(f"full_lo, full_hi = _merge_full(full_lo, full_hi, f_lo{j}, f_hi{j})")
     if not solved.conjunctions:
         lines.append("# the mask is never true")
