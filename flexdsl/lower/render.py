@@ -370,8 +370,7 @@ def _scaled_score(product: str, score_code: str, split: _SplitBias | None,
     if first and split.guarded:
         col2 = f"tl.where(sep_ok, {col2}, -float(\"inf\"))"
     parts = [*first, f"col2 = {col2}", f"s2 = {product} * qk_scale + col2"]
-    return ["if SPLIT_BIAS:", *("    " + line for line in parts),
-            "else:", *("    " + line for line in whole)]
+    return ["if SPLIT_BIAS:", *_indented(parts, 4), "else:", *_indented(whole, 4)]
 
 
 def _score_code(spec: CheckedSpec, tile: Lowering) -> str | None:
@@ -632,7 +631,7 @@ def _dq_body(score_code, mask, d_score, gradients, tile: Lowering,
                          f"g{i}_pdpw += tl.sum(g_w * dp, 1)"]
             else:
                 body += _gradient_code(g, tile, "g_valid")
-        gradient_lines = ["if TENSOR_GRADS:", *("    " + line for line in body)]
+        gradient_lines = ["if TENSOR_GRADS:", *_indented(body, 4)]
     lines = [
         *_key_tile("v = tl.load(v_base + kv_idx * svn + offs_d[:, None] * svd, "
                    "mask=kv_ok & d_ok[:, None], other=0.0)",
