@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
@@ -92,6 +93,7 @@ class Attention:
         self.index_ranges = _ranges(spec)
         self._kernel_keys: dict = {}
         self._ranges_passed: set = set()
+        self._kernel_calls: dict = {}
 
     @property
     def analysis(self):
@@ -186,26 +188,47 @@ class Attention:
 
     def __call__(self, q, k, v, *, scale=None, return_lse: bool = False,
                  **params_and_tensors):
-        bound = self.bind(q, k, v, scale=scale, **params_and_tensors)
-        if self._uses_kernels(bound.q):
-            if bound.v.shape[3] != bound.head_dim:
-                raise SpecCallError(
-                    f"v has head dim {bound.v.shape[3]} and q {bound.head_dim}: the kernels "
-                    "need them equal", spec=self.spec.text,
-                    hint="pad v's last dimension to q's and slice the output, or run "
-                         "KernelOptions(backend='torch')")
-            from .kernel import ops
-            key = self._kernel_key(bound.q.dtype)
-            out, lse = ops.run(
-                bound.q, bound.k, bound.v, [bound.tensors[n] for n in self.spec.signature.tensors],
-                [float(bound.params[n]) for n in self.spec.signature.params], key, bound.scale)
+        key = _call_key(q, k, v, scale, params_and_tensors)
+        known = self._kernel_calls.get(key) if key is not None else None
+        if known is not None:
+            out, lse = known.run(q, k, v, params_and_tensors)
         else:
+            out, lse = self._call(q, k, v, scale, params_and_tensors, key)
+        return (out, lse) if return_lse else out
+
+    def _call(self, q, k, v, scale, given: dict, key):
+        """A call checked in full (``bind``); on the kernels, remembered by its key so that a
+        call like it skips the checks and goes straight to its launches."""
+        bound = self.bind(q, k, v, scale=scale, **given)
+        if not self._uses_kernels(bound.q):
             from .kernel import cpu
             tile_plan = self.plan(bound.q_len, bound.kv_len, block_m=cpu.BLOCK_M,
                                   block_n=cpu.BLOCK_N, batch=bound.batch, heads=bound.heads,
                                   **bound.params, **bound.tensors)
-            out, lse = cpu.attention(bound, tile_plan.kv_blocks)
-        return (out, lse) if return_lse else out
+            return cpu.attention(bound, tile_plan.kv_blocks)
+        if bound.v.shape[3] != bound.head_dim:
+            raise SpecCallError(
+                f"v has head dim {bound.v.shape[3]} and q {bound.head_dim}: the kernels "
+                "need them equal", spec=self.spec.text,
+                hint="pad v's last dimension to q's and slice the output, or run "
+                     "KernelOptions(backend='torch')")
+        import torch
+
+        from .kernel import ops
+        kernels = self._kernel_key(q.dtype)
+        tensors = [bound.tensors[n] for n in self.spec.signature.tensors]
+        params = [float(bound.params[n]) for n in self.spec.signature.params]
+        if torch.compiler.is_compiling():
+            return ops.attention(q, k, v, tensors, params, kernels, bound.scale)
+        entry = ops.registry[kernels]
+        prepared = entry.prepared(q, k, v, bound.scale, params)
+        result = ops.run(q, k, v, tensors, entry, prepared)
+        if key is not None:
+            if len(self._kernel_calls) > 64:
+                self._kernel_calls.clear()
+            sources = tuple((n, self.defaults.get(n)) for n in self.spec.signature.tensors)
+            self._kernel_calls[key] = _KernelCall(entry, prepared, sources)
+        return result
 
     def reference(self, q, k, v, *, scale=None, dtype="float64", **params_and_tensors):
         """The dense oracle on the same inputs: (out, lse), in float64 unless told otherwise."""
@@ -217,6 +240,50 @@ class Attention:
             else dtype
         return reference.attention(self.spec, bound.q, bound.k, bound.v, scale=bound.scale,
                                    params=bound.params, tensors=bound.tensors, dtype=dtype)
+
+
+def _call_key(q, k, v, scale, given: Mapping[str, Any]):
+    """What decides whether a call passes the checks and how it launches: the geometry,
+    dtypes and devices of q, k, v and the tensors, the scale and the parameters (with their
+    types: True is not 1). Calls that share it share their checks' outcome and launches. None
+    where an argument is of another kind (or while torch.compile traces): such calls are
+    checked in full."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(q, torch.Tensor) or torch.compiler.is_compiling():
+        return None
+    try:
+        key = [q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype,
+               v.dtype, q.device, k.device, v.device, scale.__class__, scale]
+    except AttributeError:
+        return None
+    if scale.__class__ not in _NUMBERS:
+        return None
+    for name, value in given.items():
+        key.append(name)
+        if isinstance(value, torch.Tensor):
+            key.append((value.shape, value.dtype, value.device))
+        elif value.__class__ in _NUMBERS:
+            key.append((value.__class__, value))
+        else:
+            return None
+    return tuple(key)
+
+
+_NUMBERS = (int, float, type(None))
+
+
+@dataclass(frozen=True)
+class _KernelCall:
+    """A call key's launches: its kernels' entry, the prepared launches, and where each of the
+    spec's tensors comes from (the call, else the compiled default)."""
+    entry: Any
+    prepared: Any
+    tensor_sources: tuple
+
+    def run(self, q, k, v, given: Mapping[str, Any]):
+        from .kernel import ops
+        tensors = [given.get(name, default) for name, default in self.tensor_sources]
+        return ops.run(q, k, v, tensors, self.entry, self.prepared)
 
 
 def load(source, key: str | None = None, **params_and_tensors) -> Attention:

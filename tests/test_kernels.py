@@ -437,14 +437,26 @@ def test_unsorted_documents_forward_and_backward(spec):
 
 
 def test_strided_inputs_and_head_dim_padding():
-    # Non-contiguous views (heads and length swapped) and a head dim of 24, padded to 32.
+    # Non-contiguous views (heads and length swapped) and a head dim of 24, padded to 32,
+    # forward and backward.
     attn = flexdsl.compile("where 0 <= q - kv < W", options=TRITON, W=9)
     gen = torch.Generator().manual_seed(7)
-    q, k, v = (torch.randn(1, 30, 2, 24, generator=gen).transpose(1, 2) for _ in range(3))
+    bases = [torch.randn(1, 30, 2, 24, generator=gen, requires_grad=True) for _ in range(3)]
+    q, k, v = (t.transpose(1, 2) for t in bases)
     assert not q.is_contiguous()
-    out = attn(q, k, v)
-    ref, _ = attn.reference(q, k, v)
-    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+    inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, _ = attn.reference(*inputs)
+    grad = torch.randn(ref.shape, generator=gen)
+    want = torch.autograd.grad(ref, inputs, grad.double())
+    for _ in range(2):   # the second call takes the launches the first prepared
+        out = attn(q, k, v)
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+        # Gradients come in the inputs' layout, and a gradient of another layout is read as
+        # it is (here a view whose heads and length are swapped).
+        swapped = grad.transpose(1, 2).contiguous().transpose(1, 2)
+        got = torch.autograd.grad(out, bases, swapped)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.transpose(1, 2).double(), w, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("scale", [-0.7, 0.0, 0.3])
@@ -544,6 +556,45 @@ def test_a_backward_reuses_its_forwards_run_tensors(monkeypatch):
     want = torch.autograd.grad(attn.reference(*inputs, doc=doc)[0].sum(), inputs)
     for got, expected in zip(grads, want):
         torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=0)
+
+
+def test_repeated_calls_skip_the_checks_not_what_changed(monkeypatch):
+    # A call like an earlier one (same geometry, dtypes, devices, scale and parameters) goes
+    # straight to its prepared launches; anything that differs is checked again, and ids
+    # written in place between calls give new document runs.
+    from flexdsl import api
+    checked = []
+    real = api.Attention._call
+    monkeypatch.setattr(api.Attention, "_call",
+                        lambda *a, **kw: checked.append(1) or real(*a, **kw))
+    attn = flexdsl.compile("where doc[q] == doc[kv] and q - kv >= S", options=TRITON)
+    gen = torch.Generator().manual_seed(29)
+    doc = torch.tensor([0] * 11 + [1] * 20 + [2] * 6)
+
+    def step(shift, doc, dtype=torch.float32):
+        q, k, v = (torch.randn(1, 2, 37, 16, generator=gen).to(dtype).requires_grad_()
+                   for _ in range(3))
+        out = attn(q, k, v, S=shift, doc=doc)
+        grads = torch.autograd.grad(out.sum(), [q, k, v])
+        inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ref = attn.reference(*inputs, S=shift, doc=doc)[0]
+        want = torch.autograd.grad(ref.sum(), inputs)
+        for got, expected in zip((out, *grads), (ref, *want)):
+            torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=0)
+
+    step(2, doc)
+    step(2, doc)                      # new q, k, v of the same geometry: not checked again
+    assert len(checked) == 1
+    step(3, doc)                      # a new parameter value (rows 0-2 of each document empty)
+    assert len(checked) == 2
+    doc[20:] += 1                     # written in place: its runs are made again
+    step(3, doc)
+    assert len(checked) == 2
+    with pytest.raises(flexdsl.SpecCallError, match="too short"):
+        step(3, doc[:30])
+    with pytest.raises(flexdsl.SpecCallError, match="share a dtype"):
+        q = torch.randn(1, 2, 37, 16)
+        attn(q, q.double(), q, S=3, doc=doc)
 
 
 def test_second_derivatives_fail_loudly():

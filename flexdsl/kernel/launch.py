@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -219,10 +220,16 @@ def _through_descriptors(copy_engine: bool, config: Config, *tensors) -> bool:
 def _descriptor_layout(t) -> bool:
     """The copy engine's rules for a [B, H, S, D] tensor: a 16-byte aligned start for every
     (batch, head), positive 16-byte strides over heads and positions, unit stride along D."""
+    return _descriptor_strides(t) and not t.data_ptr() % 16
+
+
+def _descriptor_strides(t) -> bool:
+    """The copy engine's rules that a tensor's strides decide (all but its start's alignment,
+    which each call's tensors decide)."""
     size = t.element_size()
     batch_stride, head_stride, row_stride, d_stride = t.stride()
     return (d_stride == 1 and head_stride > 0 and row_stride > 0
-            and not (t.data_ptr() % 16 or head_stride * size % 16 or row_stride * size % 16)
+            and not (head_stride * size % 16 or row_stride * size % 16)
             and (t.shape[0] == 1 or not batch_stride * size % 16))
 
 
@@ -284,89 +291,205 @@ def _ensure_allocator() -> None:
 def _on_tensors_device(launch):
     """Run ``launch`` with q's GPU current: Triton launches on the current device."""
     @functools.wraps(launch)
-    def wrapper(kernels, analysis, q, *args, **kwargs):
-        if q.is_cuda and q.device.index != torch.cuda.current_device():
+    def wrapper(prepared, q, *args, **kwargs):
+        if prepared.device is not None and prepared.device != torch.cuda.current_device():
             with torch.cuda.device(q.device):
-                return launch(kernels, analysis, q, *args, **kwargs)
-        return launch(kernels, analysis, q, *args, **kwargs)
+                return launch(prepared, q, *args, **kwargs)
+        return launch(prepared, q, *args, **kwargs)
     return wrapper
 
 
-@dataclass
-class Call:
-    """Everything a launch needs beyond q, k, v: scalars and the spec's tensor arguments."""
-    scale: float
-    params: dict
-    tensors: dict
+@dataclass(frozen=True, eq=False)
+class Pass:
+    """One kernel's launch for one call geometry: its grid, the arguments between its tensors
+    and the spec's own (strides, lengths, scale, parameters), and its launch key and
+    constexprs for either value of EXACT_RUNS, the one thing a call's tensors still decide."""
+    kernel: object
+    grid: tuple
+    ints: tuple
+    config: Config
+    shrink: str             # the tile that does not set the grid: run_fitted's fallbacks
+    keys: tuple             # by EXACT_RUNS: (False, True)
+    constants: tuple
+
+    @classmethod
+    def of(cls, kernel, grid, ints, config, shrink, key: tuple, constants: dict) -> "Pass":
+        return cls(kernel, grid, ints, config, shrink, (key + (False,), key + (True,)),
+                   tuple(dict(constants, EXACT_RUNS=exact) for exact in (False, True)))
+
+    def run(self, tensors: tuple, spec: tuple, exact: bool, device, tail: tuple = ()) -> None:
+        run_fitted(self.kernel, self.grid, (*tensors, *self.ints, *spec, *tail), self.config,
+                   self.shrink, self.keys[exact], device, self.constants[exact])
 
 
-def spec_arguments(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, call: Call):
-    """The spec-specific arguments (parameters, tensors with strides and sizes) and the two
-    flags that say whether the sorted-lookup run tensors are exact. The run tensors are made
-    once per ids tensor (``document_tensors`` keeps them): a backward finds its forward's."""
-    q_len, kv_len = q.shape[2], k.shape[2]
-    if analysis.by_query.positive:
-        values = {"q_len": q_len, "kv_len": kv_len, **call.params}
-        check_positive(analysis.by_query, values, analysis.spec)
-    tensors, exact_q, exact_k = call.tensors, True, True
-    if analysis.has_documents:
-        by_query, exact_q = document_tensors(analysis.by_query, call.tensors, q_len, kv_len)
-        by_key, exact_k = document_tensors(analysis.by_key, call.tensors, q_len, kv_len)
-        tensors = {**call.tensors, **by_query, **by_key}
-    args = [call.params[name] for name in kernels.source.params]
-    for t in kernels.source.tensors:
-        value = tensors[t.name]
-        args.append(value)
-        args.extend(value.stride())
-        args.extend(value.shape)
-    return args, int(exact_q), int(exact_k)
+class Prepared:
+    """The launches of one call geometry (q, k and v's shapes and strides, dtype, device, scale
+    and parameters), worked out on its first call (ops.Entry keeps them): a training step
+    repeats its geometry, and then only allocates, gathers its tensors and launches. Holds no
+    tensors. The backward's passes are worked out on the first backward of each gradient
+    layout."""
+
+    def __init__(self, kernels: CompiledSpec, analysis: MaskAnalysis, settings: Settings, q, k,
+                 v, scale: float, params: tuple):
+        batch, heads, q_len, head_dim = q.shape
+        kv_heads, kv_len = k.shape[1], k.shape[2]
+        if analysis.by_query.positive:
+            values = dict(zip(kernels.source.params, params), q_len=q_len, kv_len=kv_len)
+            check_positive(analysis.by_query, values, analysis.spec)
+        self.kernels, self.analysis, self.settings = kernels, analysis, settings
+        self.device = settings.device
+        self.q_len, self.kv_len = q_len, kv_len
+        self.lse_shape = (batch, heads, q_len)
+        self.group = heads // kv_heads
+        self.params = params
+        self.scale = scale
+        # Outputs and gradients are allocated as torch lays them out (contiguous, and like q,
+        # k and v): meta tensors give those strides without memory.
+        self.out_strides = torch.empty(q.shape, device="meta").stride()
+        self.grad_strides = tuple(torch.empty_like(t, device="meta").stride() for t in (q, k, v))
+        self.qkv_strides = (*q.stride(), *k.stride(), *v.stride())
+        self.tensor_names = tuple(t.name for t in kernels.source.tensors)
+        self._backward: dict[tuple, tuple[Pass, Pass]] = {}
+        self._runs = None   # the last run tensors (spec_tensors)
+
+        constants, copy_engine = settings.constants, settings.copy_engine
+        config = settings.configs.forward
+        kv_descriptors = _descriptor_strides(k) and _descriptor_strides(v)
+        fwd_ints = (*self.qkv_strides, *self.out_strides, q_len, kv_len, heads, self.group,
+                    scale, *params)
+        pos_scale = scale > 0
+
+        def forward(config, tma):
+            grid = (triton_cdiv(q_len, config.block_m), batch * heads)
+            return Pass.of(kernels.module.attention_forward, grid, fwd_ints, config, "block_n",
+                           (settings.key, 0, tma, pos_scale),
+                           dict(POS_SCALE=pos_scale, TMA=tma, SPLIT_BIAS=settings.split_bias,
+                                **constants))
+        # Descriptors where k and v's starts are aligned too (each call's tensors say).
+        self.forward_descriptors = (forward(config, True)
+                                    if copy_engine and config.tma and kv_descriptors else None)
+        self.forward_pointers = forward(settings.pointer_forward if config.tma else config,
+                                        False)
+        dq_config, dkdv_config = settings.configs.dq, settings.configs.dkdv
+        self.dq_descriptors = copy_engine and dq_config.tma and kv_descriptors
+        self.dkdv_descriptors = copy_engine and dkdv_config.tma and _descriptor_strides(q)
+        self.rows_pad, self.covered = _padded_rows(q_len, dq_config.block_m,
+                                                   dkdv_config.block_m)
+        self.aux_shape = (batch * heads, self.rows_pad)
+        self._batch_heads = (batch * heads, batch * kv_heads)
+
+    def spec_tensors(self, tensors) -> tuple[tuple, bool, bool]:
+        """The spec's tensor arguments, each with its strides and sizes: ``tensors`` (the
+        user's, in signature order), then the run tensors of sorted lookups. And whether those
+        are exact each way. The run tensors are made once per ids tensor and version: the last
+        ones are kept here (weakly: they hold no user tensor alive), and ``document_tensors``
+        keeps more, so that a backward finds its forward's and a training step its last."""
+        if not self.tensor_names:
+            return (), True, True
+        args = []
+        for t in tensors:
+            args.append(t)
+            args.extend(t.stride())
+            args.extend(t.shape)
+        if not self.analysis.has_documents:
+            return tuple(args), True, True
+        versions = tuple([t._version for t in tensors])
+        memo = self._runs
+        if memo is not None and memo[1] == versions and all(
+                ref() is t for ref, t in zip(memo[0], tensors)):
+            return (*args, *memo[2]), memo[3], memo[4]
+        by_name = dict(zip(self.tensor_names, tensors))
+        by_query, exact_q = document_tensors(self.analysis.by_query, by_name, self.q_len,
+                                             self.kv_len)
+        by_key, exact_k = document_tensors(self.analysis.by_key, by_name, self.q_len,
+                                           self.kv_len)
+        by_name.update(by_query)
+        by_name.update(by_key)
+        runs = []
+        for name in self.tensor_names[len(tensors):]:
+            value = by_name[name]
+            runs.append(value)
+            runs.extend(value.stride())
+            runs.extend(value.shape)
+        self._runs = (tuple(weakref.ref(t) for t in tensors), versions, tuple(runs), exact_q,
+                      exact_k)
+        return (*args, *runs), exact_q, exact_k
+
+    def backward_passes(self, grad_out_strides: tuple, dq_tma: bool, dkdv_tma: bool,
+                        tensor_grads: bool, has_dlse: bool) -> tuple[Pass, Pass]:
+        key = (grad_out_strides, dq_tma, dkdv_tma, tensor_grads, has_dlse)
+        found = self._backward.get(key)
+        if found is None:
+            if len(self._backward) > 16:
+                self._backward.clear()
+            found = self._backward[key] = self._backward_passes(*key)
+        return found
+
+    def _backward_passes(self, grad_out_strides, dq_tma, dkdv_tma, tensor_grads, has_dlse):
+        settings, module = self.settings, self.kernels.module
+        dq_config, dkdv_config = settings.configs.dq, settings.configs.dkdv
+        batch_heads, batch_kv_heads = self._batch_heads
+        heads = self.lse_shape[1]
+        common = (*self.qkv_strides, *grad_out_strides)
+        dq_strides, dk_strides, dv_strides = self.grad_strides
+        scalars = (self.q_len, self.kv_len, heads, self.group, self.scale, self.rows_pad,
+                   *self.params)
+        dq = Pass.of(module.attention_backward_dq,
+                     (triton_cdiv(self.q_len, dq_config.block_m), batch_heads),
+                     (*common, *self.out_strides, *dq_strides, *scalars), dq_config, "block_n",
+                     (settings.key, 1, dq_tma, tensor_grads, has_dlse),
+                     dict(TENSOR_GRADS=tensor_grads, TMA=dq_tma, HAS_DLSE=has_dlse,
+                          SPLIT_BIAS=settings.split_bias, **settings.constants))
+        dkdv = Pass.of(module.attention_backward_dkdv,
+                       (triton_cdiv(self.kv_len, dkdv_config.block_n), batch_kv_heads),
+                       (*common, *dk_strides, *dv_strides, *scalars), dkdv_config, "block_m",
+                       (settings.key, 2, dkdv_tma),
+                       dict(TMA=dkdv_tma, SPLIT_BIAS=settings.split_bias_dkdv,
+                            **settings.constants))
+        return dq, dkdv
+
+
+def _aligned(*tensors) -> bool:
+    """Whether every tensor starts on 16 bytes, as the copy engine needs."""
+    for t in tensors:
+        if t.data_ptr() % 16:
+            return False
+    return True
 
 
 @_on_tensors_device
-def forward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, call: Call,
-            settings: Settings):
-    batch, heads, q_len, head_dim = q.shape
-    kv_heads, kv_len = k.shape[1], k.shape[2]
-    config = settings.configs.forward
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
-    if q_len == 0:
+def forward(prepared: Prepared, q, k, v, tensors: tuple):
+    """(out, lse) for ``tensors``, the spec's tensors in signature order."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(prepared.lse_shape, dtype=torch.float32, device=q.device)
+    if prepared.q_len == 0:
         return out, lse
-    args, exact_q, _ = spec_arguments(kernels, analysis, q, k, call)
-    tma = _through_descriptors(settings.copy_engine, config, k, v)
-    if tma:
+    spec, exact_q, _ = prepared.spec_tensors(tensors)
+    launch = prepared.forward_descriptors
+    if launch is not None and _aligned(k, v):
         _ensure_allocator()
-    elif config.tma:
-        config = settings.pointer_forward
-    grid = (triton_cdiv(q_len, config.block_m), batch * heads)
-    pos_scale = call.scale > 0
-    run_fitted(kernels.module.attention_forward, grid,
-               (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                q_len, kv_len, heads, heads // kv_heads, call.scale, *args),
-               config, "block_n", (settings.key, 0, tma, pos_scale, exact_q), settings.device,
-               dict(POS_SCALE=pos_scale, TMA=tma, SPLIT_BIAS=settings.split_bias,
-                    EXACT_RUNS=bool(exact_q), **settings.constants))
+    else:
+        launch = prepared.forward_pointers
+    launch.run((q, k, v, out, lse), spec, exact_q, prepared.device)
     return out, lse
 
 
 @_on_tensors_device
-def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, grad_out,
-             call: Call, settings: Settings, grad_lse=None, tensor_grads: bool = True):
+def backward(prepared: Prepared, q, k, v, out, lse, grad_out, tensors: tuple, grad_lse=None,
+             tensor_grads: bool = True):
     """dq, dk, dv and a dict of gradients of the float tensors the score uses (empty unless
     ``tensor_grads``: a table that needs no gradient costs no reduction or atomics)."""
-    batch, heads, q_len, head_dim = q.shape
-    kv_heads, kv_len = k.shape[1], k.shape[2]
-    dq_config, dkdv_config = settings.configs.dq, settings.configs.dkdv
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    tensor_grads = tensor_grads and bool(kernels.source.gradients)
-    grads = {g.tensor: torch.zeros(call.tensors[g.tensor].shape, dtype=torch.float32,
-                                   device=q.device)
-             for g in kernels.source.gradients if tensor_grads}
-    if q_len == 0 or kv_len == 0:
+    source = prepared.kernels.source
+    tensor_grads = tensor_grads and bool(source.gradients)
+    by_name = dict(zip(prepared.tensor_names, tensors)) if source.gradients else {}
+    grads = {name: torch.zeros(by_name[name].shape, dtype=torch.float32, device=q.device)
+             for name in source.gradient_tensors if tensor_grads}
+    if prepared.q_len == 0 or prepared.kv_len == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
         return dq, dk, dv, grads
-    dq_tma = _through_descriptors(settings.copy_engine, dq_config, k, v)
-    dkdv_tma = _through_descriptors(settings.copy_engine, dkdv_config, q)
+    dq_tma = prepared.dq_descriptors and _aligned(k, v)
+    dkdv_tma = prepared.dkdv_descriptors and _aligned(q)
     if dkdv_tma and not _descriptor_layout(grad_out):
         # A gradient from .sum() is one value broadcast (stride 0): copy it once so that the
         # dk/dv loop reads it through the copy engine.
@@ -375,48 +498,35 @@ def backward(kernels: CompiledSpec, analysis: MaskAnalysis, q, k, v, out, lse, g
     if dq_tma or dkdv_tma:
         _ensure_allocator()
     lse = lse.contiguous()
-    # Written by the dq pass for the dk/dv pass, which runs after it on the same stream, for
-    # whole dq tiles: the dk/dv loop then reads its query tiles without a mask.
-    rows_pad, covered = _padded_rows(q_len, dq_config.block_m, dkdv_config.block_m)
-    delta = torch.empty(batch * heads, rows_pad, dtype=torch.float32, device=q.device)
-    lse2 = torch.empty(batch * heads, rows_pad, dtype=torch.float32, device=q.device)
-    if covered < rows_pad:
-        delta[:, covered:].zero_()
-        lse2[:, covered:].fill_(math.inf)
+    if out.stride() != prepared.out_strides:   # the forward's, unless torch.compile moved it
+        out = out.contiguous()
+    # delta and lse2, written by the dq pass for the dk/dv pass, which runs after it on the
+    # same stream, for whole dq tiles: the dk/dv loop then reads its query tiles without a mask.
+    delta = torch.empty(prepared.aux_shape, dtype=torch.float32, device=q.device)
+    lse2 = torch.empty(prepared.aux_shape, dtype=torch.float32, device=q.device)
+    if prepared.covered < prepared.rows_pad:
+        delta[:, prepared.covered:].zero_()
+        lse2[:, prepared.covered:].fill_(math.inf)
     # d lse / d score = p: a gradient on lse enters dS as a shift of delta.
     has_dlse = grad_lse is not None
     dlse = grad_lse.contiguous() if has_dlse else lse
-    args, exact_q, exact_k = spec_arguments(kernels, analysis, q, k, call)
+    spec, exact_q, exact_k = prepared.spec_tensors(tensors)
     grad_args = []
-    for name in kernels.source.gradient_tensors:
+    for name in source.gradient_tensors:
         # Without tensor_grads the kernel never touches these: any fp32 pointer will do.
         g = grads.get(name, lse)
         grad_args.append(g)
-        grad_args.extend(g.stride() if name in grads else [0] * call.tensors[name].dim())
-    common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    group = heads // kv_heads
-
-    run_fitted(kernels.module.attention_backward_dq,
-               (triton_cdiv(q_len, dq_config.block_m), batch * heads),
-               (q, k, v, grad_out, out, lse, dlse, lse2, delta, dq, *common, *out.stride(),
-                *dq.stride(), q_len, kv_len, heads, group, call.scale, rows_pad, *args,
-                *grad_args),
-               dq_config, "block_n", (settings.key, 1, dq_tma, tensor_grads, has_dlse, exact_q),
-               settings.device, dict(TENSOR_GRADS=tensor_grads, TMA=dq_tma, HAS_DLSE=has_dlse,
-                                     SPLIT_BIAS=settings.split_bias, EXACT_RUNS=bool(exact_q),
-                                     **settings.constants))
-    run_fitted(kernels.module.attention_backward_dkdv,
-               (triton_cdiv(kv_len, dkdv_config.block_n), batch * kv_heads),
-               (q, k, v, grad_out, lse2, delta, dk, dv, *common, *dk.stride(), *dv.stride(),
-                q_len, kv_len, heads, group, call.scale, rows_pad, *args),
-               dkdv_config, "block_m", (settings.key, 2, dkdv_tma, exact_k), settings.device,
-               dict(TMA=dkdv_tma, SPLIT_BIAS=settings.split_bias_dkdv, EXACT_RUNS=bool(exact_k),
-                    **settings.constants))
+        grad_args.extend(g.stride() if name in grads else [0] * by_name[name].dim())
+    dq_pass, dkdv_pass = prepared.backward_passes(grad_out.stride(), dq_tma, dkdv_tma,
+                                                  tensor_grads, has_dlse)
+    dq_pass.run((q, k, v, grad_out, out, lse, dlse, lse2, delta, dq), spec, exact_q,
+                prepared.device, tuple(grad_args))
+    dkdv_pass.run((q, k, v, grad_out, lse2, delta, dk, dv), spec, exact_k, prepared.device)
     return dq, dk, dv, grads
 
 
 def _padded_rows(q_len: int, dq_rows: int, dkdv_rows: int) -> tuple[int, int]:
-    """Rows a head of the backward's delta and lse2 buffers: whole tiles of both passes. And
+    """Rows a head of the backward's delta and lse2: whole tiles of both passes. And
     how many of them the dq pass writes (whole dq tiles); the rest the caller fills, which
     only a dk/dv query tile that does not divide the dq tile needs. The dk/dv loop reads
     whole tiles of its query range, which starts on a tile and ends before q_len; a smaller

@@ -26,6 +26,7 @@ class Entry:
     tensors: tuple[str, ...]         # the order of the op's ``tensors`` list
     configs: Optional[launch.Configs] = None   # overrides of the default tiles, per pass
     _settings: dict = field(default_factory=dict, init=False, repr=False)
+    _prepared: dict = field(default_factory=dict, init=False, repr=False)
 
     @property
     def gradient_tensors(self) -> tuple[str, ...]:
@@ -40,23 +41,36 @@ class Entry:
                 self.kernels, q.shape[3], q.dtype, q.device, self.configs)
         return found
 
-    def call(self, scale: float, params: list[float], tensors) -> launch.Call:
-        values = {name: (int(v) if name in self.int_params else v)
-                  for name, v in zip(self.params, params)}
-        return launch.Call(scale, values, dict(zip(self.tensors, tensors)))
+    def prepared(self, q, k, v, scale: float, params) -> launch.Prepared:
+        """The launches for this call's geometry, worked out on its first call. ``params``
+        are floats in signature order (ints among them become ints here)."""
+        key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, q.device, scale,
+               *params)
+        found = self._prepared.get(key)
+        if found is None:
+            values = tuple(int(value) if name in self.int_params else value
+                           for name, value in zip(self.params, params))
+            found = launch.Prepared(self.kernels, self.analysis, self.settings(q), q, k, v,
+                                    scale, values)
+            if len(self._prepared) > 64:
+                self._prepared.clear()
+            self._prepared[key] = found
+        return found
 
-    def forward(self, q, k, v, call: launch.Call):
+    def forward(self, q, k, v, scale: float, params, tensors):
         """(out, lse)."""
-        return launch.forward(self.kernels, self.analysis, q, k, v, call, self.settings(q))
+        return launch.forward(self.prepared(q, k, v, scale, params), q, k, v, tensors)
 
-    def backward(self, q, k, v, out, lse, grad_out, grad_lse, call: launch.Call,
-                 tensor_grads: bool = True):
+    def backward(self, prepared: launch.Prepared, q, k, v, out, lse, grad_out, grad_lse,
+                 tensors, tensor_grads: bool = True):
         """dq, dk, dv and the gradients of ``gradient_tensors``, in their tensors' dtypes
         (None unless ``tensor_grads``)."""
-        dq, dk, dv, grads = launch.backward(self.kernels, self.analysis, q, k, v, out, lse,
-                                            grad_out, call, self.settings(q),
+        dq, dk, dv, grads = launch.backward(prepared, q, k, v, out, lse, grad_out, tensors,
                                             grad_lse=grad_lse, tensor_grads=tensor_grads)
-        return dq, dk, dv, [grads[name].to(call.tensors[name].dtype) if name in grads else None
+        if not grads:
+            return dq, dk, dv, [None] * len(self.gradient_tensors)
+        by_name = dict(zip(self.tensors, tensors))
+        return dq, dk, dv, [grads[name].to(by_name[name].dtype) if name in grads else None
                             for name in self.gradient_tensors]
 
 
@@ -66,8 +80,7 @@ registry: dict[str, Entry] = {}
 @torch.library.custom_op("flexdsl::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor],
               params: list[float], key: str, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    entry = registry[key]
-    return entry.forward(q, k, v, entry.call(scale, params, tensors))
+    return registry[key].forward(q, k, v, scale, params, tensors)
 
 
 @attention.register_fake
@@ -84,8 +97,8 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
                        params: list[float], key: str, scale: float
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     entry = registry[key]
-    return entry.backward(q, k, v, out, lse, grad_out, grad_lse,
-                          entry.call(scale, params, tensors))
+    return entry.backward(entry.prepared(q, k, v, scale, params), q, k, v, out, lse, grad_out,
+                          grad_lse, tensors)
 
 
 @attention_backward.register_fake
@@ -137,23 +150,23 @@ class _EagerAttention(torch.autograd.Function):
     and argument flattening cost more than a short kernel takes."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key, scale, params, *tensors):
-        entry = registry[key]
-        out, lse = entry.forward(q, k, v, entry.call(scale, params, tensors))
+    def forward(ctx, q, k, v, entry: Entry, prepared: launch.Prepared, *tensors):
+        out, lse = launch.forward(prepared, q, k, v, tensors)
         # An unused output's gradient comes as None, not as zeros to allocate, fill and read.
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, out, lse, *tensors)
-        ctx.entry, ctx.scale, ctx.params = entry, scale, params
+        ctx.entry, ctx.prepared = entry, prepared
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
+        if not torch.is_grad_enabled():
+            return _EagerAttention._gradients(ctx, grad_out, grad_lse)
+        # create_graph=True: a second derivative may come.
         with torch.no_grad():
             grads = _EagerAttention._gradients(ctx, grad_out, grad_lse)
-        if torch.is_grad_enabled():   # create_graph=True: a second derivative may come
-            grads = _without_second_derivative(grads, [t for t in ctx.saved_tensors
-                                                       if t.requires_grad])
-        return grads
+        return _without_second_derivative(grads, [t for t in ctx.saved_tensors
+                                                  if t.requires_grad])
 
     @staticmethod
     def _gradients(ctx, grad_out, grad_lse):
@@ -161,13 +174,17 @@ class _EagerAttention(torch.autograd.Function):
         if grad_out is None:   # only lse was used
             grad_out = torch.zeros_like(out)
         entry = ctx.entry
-        needs = ctx.needs_input_grad[6:]
+        needs = ctx.needs_input_grad[5:]
+        if not any(needs):
+            dq, dk, dv, _ = entry.backward(ctx.prepared, q, k, v, out, lse, grad_out, grad_lse,
+                                           tensors, tensor_grads=False)
+            return (dq, dk, dv, None, None, *(None for _ in tensors))
         wanted = {name for name, need in zip(entry.tensors, needs) if need}
-        dq, dk, dv, grads = entry.backward(q, k, v, out, lse, grad_out, grad_lse,
-                                           entry.call(ctx.scale, ctx.params, tensors),
+        dq, dk, dv, grads = entry.backward(ctx.prepared, q, k, v, out, lse, grad_out, grad_lse,
+                                           tensors,
                                            tensor_grads=bool(wanted & set(entry.gradient_tensors)))
         by_name = dict(zip(entry.gradient_tensors, grads))
-        return (dq, dk, dv, None, None, None,
+        return (dq, dk, dv, None, None,
                 *(_gradient_or_zeros(by_name.get(name), t, need)
                   for name, t, need in zip(entry.tensors, tensors, needs)))
 
@@ -193,14 +210,10 @@ def _without_second_derivative(grads: tuple, inputs: list) -> tuple:
                  for g in grads)
 
 
-def run(q, k, v, tensors: list, params: list, key: str, scale: float):
-    """(out, lse): the custom op while torch.compile traces, the lighter path otherwise."""
-    if torch.compiler.is_compiling():
-        return attention(q, k, v, tensors, params, key, scale)
-    needs_grad = torch.is_grad_enabled() and (
-        q.requires_grad or k.requires_grad or v.requires_grad
-        or any(t.requires_grad for t in tensors))
-    if not needs_grad:
-        entry = registry[key]
-        return entry.forward(q, k, v, entry.call(scale, params, tensors))
-    return _EagerAttention.apply(q, k, v, key, scale, params, *tensors)
+def run(q, k, v, tensors: list, entry: Entry, prepared: launch.Prepared):
+    """(out, lse) in eager mode: through autograd when a gradient is wanted, else the forward
+    alone. (While torch.compile traces, the custom op ``attention`` runs instead.)"""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                    or any(t.requires_grad for t in tensors)):
+        return _EagerAttention.apply(q, k, v, entry, prepared, *tensors)
+    return launch.forward(prepared, q, k, v, tensors)
