@@ -375,7 +375,7 @@ class Prepared:
         self.dkdv_descriptors = copy_engine and dkdv_config.tma and _descriptor_strides(q)
         self.rows_pad, self.covered = _padded_rows(q_len, dq_config.block_m,
                                                    dkdv_config.block_m)
-        self.aux_shape = (batch * heads, self.rows_pad)
+        self.aux_shape = (batch * heads, 2, self.rows_pad)
         self._batch_heads = (batch * heads, batch * kv_heads)
 
     def spec_tensors(self, tensors) -> tuple[tuple, bool, bool]:
@@ -500,13 +500,13 @@ def backward(prepared: Prepared, q, k, v, out, lse, grad_out, tensors: tuple, gr
     lse = lse.contiguous()
     if out.stride() != prepared.out_strides:   # the forward's, unless torch.compile moved it
         out = out.contiguous()
-    # delta and lse2, written by the dq pass for the dk/dv pass, which runs after it on the
-    # same stream, for whole dq tiles: the dk/dv loop then reads its query tiles without a mask.
-    delta = torch.empty(prepared.aux_shape, dtype=torch.float32, device=q.device)
-    lse2 = torch.empty(prepared.aux_shape, dtype=torch.float32, device=q.device)
+    # delta and lse2, in one buffer [B * H, 2, rows_pad]: written by the dq pass for the dk/dv
+    # pass, which runs after it on the same stream, for whole dq tiles: the dk/dv loop then
+    # reads its query tiles without a mask.
+    aux = torch.empty(prepared.aux_shape, dtype=torch.float32, device=q.device)
     if prepared.covered < prepared.rows_pad:
-        delta[:, prepared.covered:].zero_()
-        lse2[:, prepared.covered:].fill_(math.inf)
+        aux[:, 0, prepared.covered:].zero_()
+        aux[:, 1, prepared.covered:].fill_(math.inf)
     # d lse / d score = p: a gradient on lse enters dS as a shift of delta.
     has_dlse = grad_lse is not None
     dlse = grad_lse.contiguous() if has_dlse else lse
@@ -519,9 +519,9 @@ def backward(prepared: Prepared, q, k, v, out, lse, grad_out, tensors: tuple, gr
         grad_args.extend(g.stride() if name in grads else [0] * by_name[name].dim())
     dq_pass, dkdv_pass = prepared.backward_passes(grad_out.stride(), dq_tma, dkdv_tma,
                                                   tensor_grads, has_dlse)
-    dq_pass.run((q, k, v, grad_out, out, lse, dlse, lse2, delta, dq), spec, exact_q,
-                prepared.device, tuple(grad_args))
-    dkdv_pass.run((q, k, v, grad_out, lse2, delta, dk, dv), spec, exact_k, prepared.device)
+    dq_pass.run((q, k, v, grad_out, out, lse, dlse, aux, dq), spec, exact_q, prepared.device,
+                tuple(grad_args))
+    dkdv_pass.run((q, k, v, grad_out, aux, dk, dv), spec, exact_k, prepared.device)
     return dq, dk, dv, grads
 
 

@@ -715,8 +715,9 @@ def _dkdv_body(score_code, mask, d_score, split: _SplitBias | None, window: _Win
         "    q_t = q_t.to(tl.float32)",
         "    do = do.to(tl.float32)",
         # Whole rows, no mask: the dq pass wrote rows_pad a head (+inf and 0 past q_len).
-        "lse2 = tl.load(LSE2 + off_bh.to(tl.int64) * rows_pad + q_rows_t)",
-        "delta = tl.load(DELTA + off_bh.to(tl.int64) * rows_pad + q_rows_t)",
+        "aux_base = AUX + off_bh.to(tl.int64) * (2 * rows_pad)",
+        "lse2 = tl.load(aux_base + rows_pad + q_rows_t)",
+        "delta = tl.load(aux_base + q_rows_t)",
         *window.values("start_m", "start_n * BLOCK_N", "BLOCK_N, BLOCK_M"),
         "masked = (start_m < f_start) | (start_m >= f_stop)",
         # A separable bias, split where SPLIT_BIAS says (launch.py: it spills registers at
