@@ -403,6 +403,34 @@ def test_wide_forward_tiles_narrow_without_descriptors(monkeypatch):
     assert traits == kernels.traits
 
 
+def test_short_key_ranges_take_a_narrower_forward_tile(monkeypatch):
+    # Up to SHORT_KEYS keys the GPU forward takes 64x64 tiles where its default is 128 rows
+    # wide, under a launch key of its own (a direct launch must not find the wide binary);
+    # a tile the caller chose stays.
+    from flexdsl.kernel import launch
+    attn = flexdsl.compile("where q >= kv")
+    kernels = kernel_compile.compiled(attn.spec, attn.analysis, attn.derivatives,
+                                      fast_tanh=False)
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setattr(launch, "default_configs",
+                        lambda head_dim, dtype, traits: launch._gpu_configs(head_dim, False,
+                                                                            traits))
+
+    def forward(length, head_dim=128, overrides=None):
+        chosen = launch.settings(kernels, head_dim, torch.bfloat16, torch.device("cpu"),
+                                 overrides)
+        q = torch.empty(2, 4, length, head_dim)
+        return launch.Prepared(kernels, attn.analysis, chosen, q, q, q, 0.1, ()).forward_pointers
+
+    short, long = forward(launch.SHORT_KEYS), forward(launch.SHORT_KEYS + 1)
+    assert short.config == Config(64, 64, 4, 3) and short.grid == (16, 8)
+    assert long.config.block_m == 128
+    assert short.keys[0] != long.keys[0]
+    assert forward(1000, head_dim=64).config.block_m == 128    # measured at D=128 only
+    asked = Config(128, 64, 8, 2)
+    assert forward(1000, overrides=launch.Configs(asked, None, None)).config == asked
+
+
 def test_fully_masked_rows_give_zero_and_minus_inf():
     # Rows q < kv_len - q_len keep nothing under bottom-right causal with Sq > Skv.
     attn = flexdsl.compile("where q + kv_len - q_len >= kv", options=TRITON)

@@ -109,7 +109,14 @@ class Settings:
     key: int                   # names these settings in launch keys, which must hash fast
     split_bias: bool           # the forward and dq passes split a separable bias
     split_bias_dkdv: bool      # ... and the dk/dv pass
+    short_forward: Config | None = None   # the forward's tile for short key ranges
 
+
+# Keys up to this many make a short forward loop: a 128-row tile's pipeline and descriptors
+# are not repaid in 8 steps. On the H200 (causal, B=8 H=16 S=1024 D=128, bf16) 64x64 tiles
+# with 4 warps and 3 stages took 0.113 ms against 0.136 for the 128x128 default, and 0.128
+# for 128x64 (benchmarks/tune.py).
+SHORT_KEYS = 1024
 
 _settings_made = itertools.count()
 
@@ -133,9 +140,12 @@ def settings(kernels: CompiledSpec, head_dim: int, dtype: torch.dtype, device: t
     constants = dict(D=head_dim, HEAD_DIM=head_dim_padded(head_dim), DOT_F32=interpret,
                      IEEE=dtype == torch.float32 and not interpret)
     split, split_dkdv = split_bias(constants)
+    short = (Config(64, 64, 4, 3) if defaults.forward.block_m == 128 and 64 < head_dim <= 128
+             and not constants["IEEE"] and not interpret and not
+             (overrides is not None and overrides.forward) else None)
     return Settings(defaults, pointer_forward, constants, _copy_engine_for(head_dim, device),
                     device.index if device.type == "cuda" else None, next(_settings_made),
-                    split, split_dkdv)
+                    split, split_dkdv, short)
 
 
 def split_bias(constants: dict) -> tuple[bool, bool]:
@@ -354,6 +364,9 @@ class Prepared:
 
         constants, copy_engine = settings.constants, settings.copy_engine
         config = settings.configs.forward
+        short = settings.short_forward is not None and kv_len <= SHORT_KEYS
+        if short:
+            config = settings.short_forward
         kv_descriptors = _descriptor_strides(k) and _descriptor_strides(v)
         fwd_ints = (*self.qkv_strides, *self.out_strides, q_len, kv_len, heads, self.group,
                     scale, *params)
@@ -362,7 +375,7 @@ class Prepared:
         def forward(config, tma):
             grid = (triton_cdiv(q_len, config.block_m), batch * heads)
             return Pass.of(kernels.module.attention_forward, grid, fwd_ints, config, "block_n",
-                           (settings.key, 0, tma, pos_scale),
+                           (settings.key, 0, tma, pos_scale, short),
                            dict(POS_SCALE=pos_scale, TMA=tma, SPLIT_BIAS=settings.split_bias,
                                 **constants))
         # Descriptors where k and v's starts are aligned too (each call's tensors say).
