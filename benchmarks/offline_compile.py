@@ -22,7 +22,7 @@ from flexdsl.kernel import compile as kernel_compile  # noqa: E402
 from flexdsl.kernel.launch import Config, default_configs, split_bias  # noqa: E402
 
 POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-FLOAT32_POINTERS = {"LSE", "LSE2", "DELTA", "DLSE"}
+FLOAT32_POINTERS = {"LSE", "AUX", "DLSE"}
 
 
 def signature(fn, source, dtype: str, constants: dict):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import types
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
@@ -82,18 +83,27 @@ class Attention:
 
     Parameters and tensors given to :func:`compile` are defaults; those given to a call take
     precedence. q is (B, Hq, Sq, D), k and v are (B, Hkv, Skv, D) with Hq a multiple of Hkv.
-    A new length or parameter value never compiles anything again.
+    A new length or parameter value never compiles anything again (but once, the forward for
+    up to 1024 keys). ``defaults`` is read-only: calls are prepared with it.
     """
 
     def __init__(self, spec: CheckedSpec, defaults: Mapping[str, Any],
                  options: KernelOptions | None = None):
         self.spec = spec
-        self.defaults = dict(defaults)
+        self.defaults = types.MappingProxyType(dict(defaults))
         self.options = options or KernelOptions()
         self.index_ranges = _ranges(spec)
         self._kernel_keys: dict = {}
         self._ranges_passed: set = set()
         self._kernel_calls: dict = {}
+
+    def __getstate__(self):
+        """Copies (deepcopy, pickle) leave the prepared launches behind: they hold compiled
+        kernels, and a copy prepares its own."""
+        return dict(self.__dict__, defaults=dict(self.defaults), _kernel_calls={})
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, defaults=types.MappingProxyType(state["defaults"]))
 
     @property
     def analysis(self):
@@ -245,9 +255,9 @@ class Attention:
 def _call_key(q, k, v, scale, given: Mapping[str, Any]):
     """What decides whether a call passes the checks and how it launches: the geometry,
     dtypes and devices of q, k, v and the tensors, the scale and the parameters (with their
-    types: True is not 1). Calls that share it share their checks' outcome and launches. None
-    where an argument is of another kind (or while torch.compile traces): such calls are
-    checked in full."""
+    types: 2 is not 2.0). Calls that share it share their checks' outcome and launches. None
+    where an argument is of another kind (a bool, a numpy number, or anything while
+    torch.compile traces): such calls are checked in full."""
     torch = sys.modules.get("torch")
     if torch is None or not isinstance(q, torch.Tensor) or torch.compiler.is_compiling():
         return None

@@ -131,7 +131,7 @@ def load(source: Union[str, os.PathLike, Mapping], key: str | None = None,
     parameters are its defaults, and ``params_and_tensors`` add to or override them.
 
     >>> attn = load({"spec": "where 0 <= q - kv < W", "params": {"W": 64}})
-    >>> attn.defaults
+    >>> dict(attn.defaults)
     {'W': 64}
     """
     from .api import compile  # api re-exports load; importing it here avoids a cycle

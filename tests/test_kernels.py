@@ -416,19 +416,22 @@ def test_short_key_ranges_take_a_narrower_forward_tile(monkeypatch):
                         lambda head_dim, dtype, traits: launch._gpu_configs(head_dim, False,
                                                                             traits))
 
-    def forward(length, head_dim=128, overrides=None):
-        chosen = launch.settings(kernels, head_dim, torch.bfloat16, torch.device("cpu"),
-                                 overrides)
-        q = torch.empty(2, 4, length, head_dim)
-        return launch.Prepared(kernels, attn.analysis, chosen, q, q, q, 0.1, ()).forward_pointers
+    def settings(head_dim=128, overrides=None):
+        return launch.settings(kernels, head_dim, torch.bfloat16, torch.device("cpu"),
+                               overrides)
 
-    short, long = forward(launch.SHORT_KEYS), forward(launch.SHORT_KEYS + 1)
+    def forward(settings, length):
+        q = torch.empty(2, 4, length, settings.constants["D"])
+        return launch.Prepared(kernels, attn.analysis, settings, q, q, q, 0.1, ()).forward_pointers
+
+    chosen = settings()
+    short, wide = forward(chosen, launch.SHORT_KEYS), forward(chosen, launch.SHORT_KEYS + 1)
     assert short.config == Config(64, 64, 4, 3) and short.grid == (16, 8)
-    assert long.config.block_m == 128
-    assert short.keys[0] != long.keys[0]
-    assert forward(1000, head_dim=64).config.block_m == 128    # measured at D=128 only
+    assert wide.config.block_m == 128
+    assert short.keys[0][:-2] == wide.keys[0][:-2] and short.keys[0] != wide.keys[0]
+    assert forward(settings(head_dim=64), 1000).config.block_m == 128   # measured at D=128
     asked = Config(128, 64, 8, 2)
-    assert forward(1000, overrides=launch.Configs(asked, None, None)).config == asked
+    assert forward(settings(overrides=launch.Configs(asked, None, None)), 1000).config == asked
 
 
 def test_fully_masked_rows_give_zero_and_minus_inf():
@@ -469,8 +472,8 @@ def test_strided_inputs_and_head_dim_padding():
     # forward and backward.
     attn = flexdsl.compile("where 0 <= q - kv < W", options=TRITON, W=9)
     gen = torch.Generator().manual_seed(7)
-    bases = [torch.randn(1, 30, 2, 24, generator=gen, requires_grad=True) for _ in range(3)]
-    q, k, v = (t.transpose(1, 2) for t in bases)
+    q, k, v = (torch.randn(1, 30, 2, 24, generator=gen).transpose(1, 2).requires_grad_()
+               for _ in range(3))
     assert not q.is_contiguous()
     inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref, _ = attn.reference(*inputs)
@@ -482,9 +485,10 @@ def test_strided_inputs_and_head_dim_padding():
         # Gradients come in the inputs' layout, and a gradient of another layout is read as
         # it is (here a view whose heads and length are swapped).
         swapped = grad.transpose(1, 2).contiguous().transpose(1, 2)
-        got = torch.autograd.grad(out, bases, swapped)
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g.transpose(1, 2).double(), w, atol=1e-4, rtol=0)
+        got = torch.autograd.grad(out, [q, k, v], swapped)
+        for g, w, t in zip(got, want, (q, k, v)):
+            assert g.stride() == t.stride()
+            torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("scale", [-0.7, 0.0, 0.3])
@@ -599,8 +603,8 @@ def test_repeated_calls_skip_the_checks_not_what_changed(monkeypatch):
     gen = torch.Generator().manual_seed(29)
     doc = torch.tensor([0] * 11 + [1] * 20 + [2] * 6)
 
-    def step(shift, doc, dtype=torch.float32):
-        q, k, v = (torch.randn(1, 2, 37, 16, generator=gen).to(dtype).requires_grad_()
+    def step(shift, doc):
+        q, k, v = (torch.randn(1, 2, 37, 16, generator=gen, requires_grad=True)
                    for _ in range(3))
         out = attn(q, k, v, S=shift, doc=doc)
         grads = torch.autograd.grad(out.sum(), [q, k, v])
@@ -609,6 +613,8 @@ def test_repeated_calls_skip_the_checks_not_what_changed(monkeypatch):
         want = torch.autograd.grad(ref.sum(), inputs)
         for got, expected in zip((out, *grads), (ref, *want)):
             torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=0)
+        with torch.no_grad():   # the same key without autograd: the forward alone
+            torch.testing.assert_close(attn(q, k, v, S=shift, doc=doc), out.detach())
 
     step(2, doc)
     step(2, doc)                      # new q, k, v of the same geometry: not checked again
@@ -617,12 +623,39 @@ def test_repeated_calls_skip_the_checks_not_what_changed(monkeypatch):
     assert len(checked) == 2
     doc[20:] += 1                     # written in place: its runs are made again
     step(3, doc)
+    step(3, torch.tensor([0] * 20 + [1] * 17))   # other ids of the same size, a new tensor
+    with torch.inference_mode():      # ids with no version counter: runs made every call
+        ids = torch.tensor([0] * 5 + [1] * 32)
+        q = torch.randn(1, 2, 37, 16, generator=gen)
+        ref = attn.reference(q, q, q, S=3, doc=ids)[0]
+        for _ in range(2):
+            torch.testing.assert_close(attn(q, q, q, S=3, doc=ids).double(), ref, atol=1e-4,
+                                       rtol=0)
+            ids[30:] = 2
+            ref = attn.reference(q, q, q, S=3, doc=ids)[0]
     assert len(checked) == 2
     with pytest.raises(flexdsl.SpecCallError, match="too short"):
         step(3, doc[:30])
     with pytest.raises(flexdsl.SpecCallError, match="share a dtype"):
         q = torch.randn(1, 2, 37, 16)
         attn(q, q.double(), q, S=3, doc=doc)
+
+
+def test_an_attention_that_ran_copies_and_keeps_its_defaults():
+    # copy.deepcopy (an average of a model's weights, say) of an Attention that has run: the
+    # copy leaves the prepared launches behind and prepares its own. Its defaults are
+    # read-only, since calls are prepared with them.
+    import copy
+    slope = torch.tensor([0.5, 0.25])
+    attn = flexdsl.compile("score + slope[h] * (kv - q) where q >= kv", options=TRITON,
+                           slope=slope)
+    q = torch.randn(1, 2, 20, 16, generator=torch.Generator().manual_seed(31))
+    out = attn(q, q, q)
+    twin = copy.deepcopy(attn)
+    assert twin.defaults["slope"] is not slope and not twin._kernel_calls
+    torch.testing.assert_close(twin(q, q, q), out)
+    with pytest.raises(TypeError):
+        attn.defaults["slope"] = slope * 2
 
 
 def test_second_derivatives_fail_loudly():

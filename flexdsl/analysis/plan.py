@@ -68,7 +68,9 @@ def document_tensors(solved: Solved, tensors: Mapping[str, torch.Tensor], q_len:
             # of the sortedness check) until the tensor is written to.
             # Keyed by identity (a weak reference: a new tensor may reuse a freed address)
             # and by version (an in-place write changes it).
-            key = (d.lower.tensor, id(table), table._version, row_len, col_len)
+            # An inference tensor keeps no version: its runs are made every call.
+            key = (None if table.is_inference() else
+                   (d.lower.tensor, id(table), table._version, row_len, col_len))
             cached = _runs.get(key)
             if cached is not None and cached[3]() is table:
                 low, high, ordered, _ = cached
@@ -89,9 +91,11 @@ def document_tensors(solved: Solved, tensors: Mapping[str, torch.Tensor], q_len:
                 high = torch.full_like(rows, col_len - 1, dtype=torch.int64)
             out[d.lower.tensor] = low.to(torch.int32 if table.is_cuda else torch.int64)
             out[d.upper.tensor] = high.to(out[d.lower.tensor].dtype)
-            if len(_runs) > 64:
-                _runs.clear()
-            _runs[key] = (out[d.lower.tensor], out[d.upper.tensor], ordered, weakref.ref(table))
+            if key is not None:
+                if len(_runs) > 64:
+                    _runs.clear()
+                _runs[key] = (out[d.lower.tensor], out[d.upper.tensor], ordered,
+                              weakref.ref(table))
     return out, exact
 
 

@@ -33,10 +33,19 @@ class Config:
 
 @dataclass(frozen=True)
 class Configs:
-    """One configuration per kernel: forward, dq (rows are queries), dk/dv (rows are keys)."""
+    """One configuration per kernel: forward, dq (rows are queries), dk/dv (rows are keys);
+    and the forward's for key ranges up to SHORT_KEYS, where it differs."""
     forward: Config
     dq: Config
     dkdv: Config
+    short_forward: Config | None = None
+
+
+# Keys up to this many make a short forward loop, where a 128-row tile's pipeline and
+# descriptors are not repaid in 8 steps: on the H200 (causal, B=8 H=16 S=1024 D=128, bf16)
+# 64x64 tiles with 4 warps and 3 stages took 0.113 ms against 0.136 for the 128x128 default,
+# and 0.128 for 128x64 (benchmarks/tune.py).
+SHORT_KEYS = 1024
 
 
 def default_configs(head_dim: int, dtype: torch.dtype,
@@ -91,7 +100,9 @@ def _gpu_configs(head_dim: int, wide: bool, traits: KernelTraits) -> Configs:
                                                        3, tma=True),
             Config(64, 64, 4, 2) if sparse else Config(128, 64, 8, 3),
             Config(32 if traits.nonlinear_score or traits.divides_pairs else 64, 64, 4, 2,
-                   tma=True))
+                   tma=True),
+            # Head dims 65-128 pad to the same 128-wide tiles as the D=128 measured.
+            short_forward=None if sparse else Config(64, 64, 4, 3))
     if head_dim <= 128:
         return Configs(Config(64, 32, 4, 2), Config(64, 32, 4, 2), Config(32, 64, 4, 2))
     return Configs(Config(64, 32, 4, 2), Config(64, 16, 4, 2), Config(16, 64, 4, 2))
@@ -109,14 +120,6 @@ class Settings:
     key: int                   # names these settings in launch keys, which must hash fast
     split_bias: bool           # the forward and dq passes split a separable bias
     split_bias_dkdv: bool      # ... and the dk/dv pass
-    short_forward: Config | None = None   # the forward's tile for short key ranges
-
-
-# Keys up to this many make a short forward loop: a 128-row tile's pipeline and descriptors
-# are not repaid in 8 steps. On the H200 (causal, B=8 H=16 S=1024 D=128, bf16) 64x64 tiles
-# with 4 warps and 3 stages took 0.113 ms against 0.136 for the 128x128 default, and 0.128
-# for 128x64 (benchmarks/tune.py).
-SHORT_KEYS = 1024
 
 _settings_made = itertools.count()
 
@@ -133,19 +136,18 @@ def settings(kernels: CompiledSpec, head_dim: int, dtype: torch.dtype, device: t
     pointer_forward = Config(forward.block_m, min(forward.block_n, 64), forward.num_warps,
                              forward.num_stages)
     if overrides is not None:
+        # A forward tile the caller chose serves short key ranges too.
         defaults = Configs(overrides.forward or defaults.forward, overrides.dq or defaults.dq,
-                           overrides.dkdv or defaults.dkdv)
+                           overrides.dkdv or defaults.dkdv,
+                           None if overrides.forward else defaults.short_forward)
         pointer_forward = overrides.forward or pointer_forward
     interpret = interpreting()
     constants = dict(D=head_dim, HEAD_DIM=head_dim_padded(head_dim), DOT_F32=interpret,
                      IEEE=dtype == torch.float32 and not interpret)
     split, split_dkdv = split_bias(constants)
-    short = (Config(64, 64, 4, 3) if defaults.forward.block_m == 128 and 64 < head_dim <= 128
-             and not constants["IEEE"] and not interpret and not
-             (overrides is not None and overrides.forward) else None)
     return Settings(defaults, pointer_forward, constants, _copy_engine_for(head_dim, device),
                     device.index if device.type == "cuda" else None, next(_settings_made),
-                    split, split_dkdv, short)
+                    split, split_dkdv)
 
 
 def split_bias(constants: dict) -> tuple[bool, bool]:
@@ -207,24 +209,14 @@ def head_dim_padded(head_dim: int) -> int:
 def tma_ready(tensors, head_dim: int, config: Config) -> bool:
     """Whether the kernels may read ``tensors`` ([B, H, S, D]) through tensor descriptors:
     asked for, a Hopper or newer GPU (or the interpreter), and the copy engine's rules
-    (``_descriptor_layout``). The launches ask ``_through_descriptors`` with their settings."""
-    return _through_descriptors(_copy_engine_for(head_dim, tensors[0].device), config,
-                                *tensors)
+    (``_descriptor_layout``), as the launches decide it: by strides once per call geometry
+    (``Prepared``), by alignment each call."""
+    return (config.tma and _copy_engine_for(head_dim, tensors[0].device)
+            and all(_descriptor_strides(t) for t in tensors) and _aligned(*tensors))
 
 
 def _copy_engine_for(head_dim: int, device: torch.device) -> bool:
     return head_dim_padded(head_dim) <= 256 and _copy_engine(device, interpreting())
-
-
-def _through_descriptors(copy_engine: bool, config: Config, *tensors) -> bool:
-    """Whether a pass run with ``config`` reads ``tensors`` through descriptors: the device
-    can, the configuration asks, and every tensor meets the copy engine's rules."""
-    if not (copy_engine and config.tma):
-        return False
-    for t in tensors:
-        if not _descriptor_layout(t):
-            return False
-    return True
 
 
 def _descriptor_layout(t) -> bool:
@@ -316,19 +308,19 @@ class Pass:
     constexprs for either value of EXACT_RUNS, the one thing a call's tensors still decide."""
     kernel: object
     grid: tuple
-    ints: tuple
+    scalars: tuple
     config: Config
     shrink: str             # the tile that does not set the grid: run_fitted's fallbacks
     keys: tuple             # by EXACT_RUNS: (False, True)
     constants: tuple
 
     @classmethod
-    def of(cls, kernel, grid, ints, config, shrink, key: tuple, constants: dict) -> "Pass":
-        return cls(kernel, grid, ints, config, shrink, (key + (False,), key + (True,)),
+    def of(cls, kernel, grid, scalars, config, shrink, key: tuple, constants: dict) -> "Pass":
+        return cls(kernel, grid, scalars, config, shrink, (key + (False,), key + (True,)),
                    tuple(dict(constants, EXACT_RUNS=exact) for exact in (False, True)))
 
     def run(self, tensors: tuple, spec: tuple, exact: bool, device, tail: tuple = ()) -> None:
-        run_fitted(self.kernel, self.grid, (*tensors, *self.ints, *spec, *tail), self.config,
+        run_fitted(self.kernel, self.grid, (*tensors, *self.scalars, *spec, *tail), self.config,
                    self.shrink, self.keys[exact], device, self.constants[exact])
 
 
@@ -336,8 +328,8 @@ class Prepared:
     """The launches of one call geometry (q, k and v's shapes and strides, dtype, device, scale
     and parameters), worked out on its first call (ops.Entry keeps them): a training step
     repeats its geometry, and then only allocates, gathers its tensors and launches. Holds no
-    tensors. The backward's passes are worked out on the first backward of each gradient
-    layout."""
+    tensor but weakly. The backward's passes are worked out on the first backward of each
+    gradient layout."""
 
     def __init__(self, kernels: CompiledSpec, analysis: MaskAnalysis, settings: Settings, q, k,
                  v, scale: float, params: tuple):
@@ -359,22 +351,27 @@ class Prepared:
         self.grad_strides = tuple(torch.empty_like(t, device="meta").stride() for t in (q, k, v))
         self.qkv_strides = (*q.stride(), *k.stride(), *v.stride())
         self.tensor_names = tuple(t.name for t in kernels.source.tensors)
+        # Which of the user's tensors hold document ids (their runs depend on the values).
+        ids = {d.tensor for solved in (analysis.by_query, analysis.by_key)
+               for c in solved.conjunctions for d in c.documents}
+        self._ids_positions = tuple(i for i, name in enumerate(kernels.source.tensors)
+                                    if name.name in ids)
         self._backward: dict[tuple, tuple[Pass, Pass]] = {}
         self._runs = None   # the last run tensors (spec_tensors)
 
         constants, copy_engine = settings.constants, settings.copy_engine
         config = settings.configs.forward
-        short = settings.short_forward is not None and kv_len <= SHORT_KEYS
+        short = settings.configs.short_forward is not None and kv_len <= SHORT_KEYS
         if short:
-            config = settings.short_forward
+            config = settings.configs.short_forward
         kv_descriptors = _descriptor_strides(k) and _descriptor_strides(v)
-        fwd_ints = (*self.qkv_strides, *self.out_strides, q_len, kv_len, heads, self.group,
+        fwd_scalars = (*self.qkv_strides, *self.out_strides, q_len, kv_len, heads, self.group,
                     scale, *params)
         pos_scale = scale > 0
 
         def forward(config, tma):
             grid = (triton_cdiv(q_len, config.block_m), batch * heads)
-            return Pass.of(kernels.module.attention_forward, grid, fwd_ints, config, "block_n",
+            return Pass.of(kernels.module.attention_forward, grid, fwd_scalars, config, "block_n",
                            (settings.key, 0, tma, pos_scale, short),
                            dict(POS_SCALE=pos_scale, TMA=tma, SPLIT_BIAS=settings.split_bias,
                                 **constants))
@@ -384,8 +381,10 @@ class Prepared:
         self.forward_pointers = forward(settings.pointer_forward if config.tma else config,
                                         False)
         dq_config, dkdv_config = settings.configs.dq, settings.configs.dkdv
-        self.dq_descriptors = copy_engine and dq_config.tma and kv_descriptors
-        self.dkdv_descriptors = copy_engine and dkdv_config.tma and _descriptor_strides(q)
+        # Whether the backward passes may read through descriptors (aligned starts permitting).
+        self.dq_may_use_descriptors = copy_engine and dq_config.tma and kv_descriptors
+        self.dkdv_may_use_descriptors = (copy_engine and dkdv_config.tma
+                                         and _descriptor_strides(q))
         self.rows_pad, self.covered = _padded_rows(q_len, dq_config.block_m,
                                                    dkdv_config.block_m)
         self.aux_shape = (batch * heads, 2, self.rows_pad)
@@ -394,23 +393,22 @@ class Prepared:
     def spec_tensors(self, tensors) -> tuple[tuple, bool, bool]:
         """The spec's tensor arguments, each with its strides and sizes: ``tensors`` (the
         user's, in signature order), then the run tensors of sorted lookups. And whether those
-        are exact each way. The run tensors are made once per ids tensor and version: the last
-        ones are kept here (weakly: they hold no user tensor alive), and ``document_tensors``
-        keeps more, so that a backward finds its forward's and a training step its last."""
+        are exact each way. The run tensors depend on the ids' values: ``document_tensors``
+        keeps them per ids tensor and version, so that a backward finds its forward's and a
+        step its last; the last ones are remembered here too, weakly, with the ids they came
+        from (an in-place write to the ids changes their version)."""
         if not self.tensor_names:
             return (), True, True
-        args = []
-        for t in tensors:
-            args.append(t)
-            args.extend(t.stride())
-            args.extend(t.shape)
-        if not self.analysis.has_documents:
+        args = _with_layouts(tensors)
+        if not self._ids_positions:
             return tuple(args), True, True
-        versions = tuple([t._version for t in tensors])
+        ids = [tensors[i] for i in self._ids_positions]
         memo = self._runs
-        if memo is not None and memo[1] == versions and all(
-                ref() is t for ref, t in zip(memo[0], tensors)):
-            return (*args, *memo[2]), memo[3], memo[4]
+        if memo is not None and memo[1] == _versions(ids) and all(
+                ref() is t for ref, t in zip(memo[0], ids)):
+            runs = [ref() for ref in memo[2]]
+            if None not in runs:
+                return (*args, *_with_layouts(runs)), memo[3], memo[4]
         by_name = dict(zip(self.tensor_names, tensors))
         by_query, exact_q = document_tensors(self.analysis.by_query, by_name, self.q_len,
                                              self.kv_len)
@@ -418,15 +416,12 @@ class Prepared:
                                            self.kv_len)
         by_name.update(by_query)
         by_name.update(by_key)
-        runs = []
-        for name in self.tensor_names[len(tensors):]:
-            value = by_name[name]
-            runs.append(value)
-            runs.extend(value.stride())
-            runs.extend(value.shape)
-        self._runs = (tuple(weakref.ref(t) for t in tensors), versions, tuple(runs), exact_q,
-                      exact_k)
-        return (*args, *runs), exact_q, exact_k
+        runs = [by_name[name] for name in self.tensor_names[len(tensors):]]
+        versions = _versions(ids)
+        if versions is not None:
+            self._runs = (tuple(weakref.ref(t) for t in ids), versions,
+                          tuple(weakref.ref(t) for t in runs), exact_q, exact_k)
+        return (*args, *_with_layouts(runs)), exact_q, exact_k
 
     def backward_passes(self, grad_out_strides: tuple, dq_tma: bool, dkdv_tma: bool,
                         tensor_grads: bool, has_dlse: bool) -> tuple[Pass, Pass]:
@@ -460,6 +455,24 @@ class Prepared:
                        dict(TMA=dkdv_tma, SPLIT_BIAS=settings.split_bias_dkdv,
                             **settings.constants))
         return dq, dkdv
+
+
+def _versions(tensors) -> tuple | None:
+    """The tensors' version counters, which in-place writes advance; None if one has none (an
+    inference tensor): its values cannot be told unchanged."""
+    if any(t.is_inference() for t in tensors):
+        return None
+    return tuple([t._version for t in tensors])
+
+
+def _with_layouts(tensors) -> list:
+    """Each tensor followed by its strides and sizes, as the kernels take a tensor argument."""
+    args = []
+    for t in tensors:
+        args.append(t)
+        args.extend(t.stride())
+        args.extend(t.shape)
+    return args
 
 
 def _aligned(*tensors) -> bool:
@@ -501,8 +514,8 @@ def backward(prepared: Prepared, q, k, v, out, lse, grad_out, tensors: tuple, gr
     if prepared.q_len == 0 or prepared.kv_len == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
         return dq, dk, dv, grads
-    dq_tma = prepared.dq_descriptors and _aligned(k, v)
-    dkdv_tma = prepared.dkdv_descriptors and _aligned(q)
+    dq_tma = prepared.dq_may_use_descriptors and _aligned(k, v)
+    dkdv_tma = prepared.dkdv_may_use_descriptors and _aligned(q)
     if dkdv_tma and not _descriptor_layout(grad_out):
         # A gradient from .sum() is one value broadcast (stride 0): copy it once so that the
         # dk/dv loop reads it through the copy engine.
