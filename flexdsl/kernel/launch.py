@@ -407,7 +407,10 @@ class Prepared:
         if memo is not None and memo[1] == _versions(ids) and all(
                 ref() is t for ref, t in zip(memo[0], ids)):
             runs = [ref() for ref in memo[2]]
-            if None not in runs:
+            # By identity: `None in runs` calls each tensor's ==, which raises and catches a
+            # TypeError inside torch: 40 us a tensor on the development machine, and documents'
+            # forward took 0.22 ms for 0.06 on the H200.
+            if all(t is not None for t in runs):
                 return (*args, *_with_layouts(runs)), memo[3], memo[4]
         by_name = dict(zip(self.tensor_names, tensors))
         by_query, exact_q = document_tensors(self.analysis.by_query, by_name, self.q_len,
