@@ -354,8 +354,8 @@ class Prepared:
         # Which of the user's tensors hold document ids (their runs depend on the values).
         ids = {d.tensor for solved in (analysis.by_query, analysis.by_key)
                for c in solved.conjunctions for d in c.documents}
-        self._ids_positions = tuple(i for i, name in enumerate(kernels.source.tensors)
-                                    if name.name in ids)
+        self._ids_positions = tuple(i for i, t in enumerate(kernels.source.tensors)
+                                    if t.name in ids)
         self._backward: dict[tuple, tuple[Pass, Pass]] = {}
         self._runs = None   # the last run tensors (spec_tensors)
 
@@ -366,7 +366,7 @@ class Prepared:
             config = settings.configs.short_forward
         kv_descriptors = _descriptor_strides(k) and _descriptor_strides(v)
         fwd_scalars = (*self.qkv_strides, *self.out_strides, q_len, kv_len, heads, self.group,
-                    scale, *params)
+                       scale, *params)
         pos_scale = scale > 0
 
         def forward(config, tma):
