@@ -341,6 +341,7 @@ class Prepared:
         self.kernels, self.analysis, self.settings = kernels, analysis, settings
         self.device = settings.device
         self.q_len, self.kv_len = q_len, kv_len
+        self.batch, self.heads, self.kv_heads = batch, heads, kv_heads
         self.lse_shape = (batch, heads, q_len)
         self.group = heads // kv_heads
         self.params = params
@@ -388,7 +389,6 @@ class Prepared:
         self.rows_pad, self.covered = _padded_rows(q_len, dq_config.block_m,
                                                    dkdv_config.block_m)
         self.aux_shape = (batch * heads, 2, self.rows_pad)
-        self._batch_heads = (batch * heads, batch * kv_heads)
 
     def spec_tensors(self, tensors) -> tuple[tuple, bool, bool]:
         """The spec's tensor arguments, each with its strides and sizes: ``tensors`` (the
@@ -403,8 +403,9 @@ class Prepared:
         if not self._ids_positions:
             return tuple(args), True, True
         ids = [tensors[i] for i in self._ids_positions]
+        versions = _versions(ids)
         memo = self._runs
-        if memo is not None and memo[1] == _versions(ids) and all(
+        if memo is not None and memo[1] == versions and all(
                 ref() is t for ref, t in zip(memo[0], ids)):
             runs = [ref() for ref in memo[2]]
             # By identity: `None in runs` calls each tensor's ==, which raises and catches a
@@ -420,7 +421,6 @@ class Prepared:
         by_name.update(by_query)
         by_name.update(by_key)
         runs = [by_name[name] for name in self.tensor_names[len(tensors):]]
-        versions = _versions(ids)
         if versions is not None:
             self._runs = (tuple(weakref.ref(t) for t in ids), versions,
                           tuple(weakref.ref(t) for t in runs), exact_q, exact_k)
@@ -439,20 +439,19 @@ class Prepared:
     def _backward_passes(self, grad_out_strides, dq_tma, dkdv_tma, tensor_grads, has_dlse):
         settings, module = self.settings, self.kernels.module
         dq_config, dkdv_config = settings.configs.dq, settings.configs.dkdv
-        batch_heads, batch_kv_heads = self._batch_heads
-        heads = self.lse_shape[1]
+        batch, heads = self.batch, self.heads
         common = (*self.qkv_strides, *grad_out_strides)
         dq_strides, dk_strides, dv_strides = self.grad_strides
         scalars = (self.q_len, self.kv_len, heads, self.group, self.scale, self.rows_pad,
                    *self.params)
         dq = Pass.of(module.attention_backward_dq,
-                     (triton_cdiv(self.q_len, dq_config.block_m), batch_heads),
+                     (triton_cdiv(self.q_len, dq_config.block_m), batch * heads),
                      (*common, *self.out_strides, *dq_strides, *scalars), dq_config, "block_n",
                      (settings.key, 1, dq_tma, tensor_grads, has_dlse),
                      dict(TENSOR_GRADS=tensor_grads, TMA=dq_tma, HAS_DLSE=has_dlse,
                           SPLIT_BIAS=settings.split_bias, **settings.constants))
         dkdv = Pass.of(module.attention_backward_dkdv,
-                       (triton_cdiv(self.kv_len, dkdv_config.block_n), batch_kv_heads),
+                       (triton_cdiv(self.kv_len, dkdv_config.block_n), batch * self.kv_heads),
                        (*common, *dk_strides, *dv_strides, *scalars), dkdv_config, "block_m",
                        (settings.key, 2, dkdv_tma),
                        dict(TMA=dkdv_tma, SPLIT_BIAS=settings.split_bias_dkdv,
