@@ -285,6 +285,30 @@ def test_backward_reads_only_rows_it_wrote(monkeypatch, tiles):
     _check(BY_NAME["alibi_documents"], 37, 45, torch.float32, seed=37, options=options)
 
 
+@pytest.mark.parametrize("spec", ["score where q >= kv", "score where kv >= q"],
+                         ids=["heavy_last", "heavy_first"])
+@pytest.mark.parametrize("heads, kv_heads", [(5, 5), (6, 2)])
+def test_every_tile_of_every_head_runs_when_heads_are_grouped(monkeypatch, spec, heads,
+                                                              kv_heads):
+    # Where tiles differ in work, programs take the heads in groups, heavy tiles first
+    # (_heavy_first). The interpreter counts 4 multiprocessors, so 3 row tiles group 2 heads:
+    # 5 heads make groups of 2, 2 and 1. Outputs and gradients start as NaN.
+    from flexdsl.kernel import launch
+    monkeypatch.setattr(launch, "torch", _NaNEmpty("torch"))
+    assert launch.wave_heads(3, 5, 4) == 2
+    _check(Case("grouped", spec), 37, 45, torch.float32, heads=heads, kv_heads=kv_heads,
+           batch=1, seed=41)
+
+
+def test_head_groups_fill_about_two_programs_a_multiprocessor():
+    from flexdsl.kernel.launch import wave_heads
+    assert wave_heads(32, 32, 132) == 8       # causal, S=4096, 128-row tiles
+    assert wave_heads(128, 16, 132) == 2
+    assert wave_heads(16, 128, 132) == 16
+    assert wave_heads(1000, 16, 132) == 1
+    assert wave_heads(1, 4, 132) == 4         # never more heads than there are
+
+
 def _signed_slopes(batch, heads, q_len, kv_len, gen, device):
     return torch.tensor([0.3, -0.2, 0.05, -0.01][:heads], device=device)
 

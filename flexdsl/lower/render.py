@@ -70,7 +70,7 @@ def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivati
         rank = spec.signature.tensors[name].rank
         grad_args.append(f"g_{name}")
         grad_args.extend(f"g_{name}_s{i}" for i in range(rank))
-    no_specialize = ["q_len", "kv_len", "sm_scale",
+    no_specialize = ["q_len", "kv_len", "sm_scale", "wave_heads",
                      *(a for a in args if not a.startswith("t_") or "_n" in a[2:])]
     no_specialize = [a for a in no_specialize if not _is_pointer(a, tensors)]
 
@@ -97,8 +97,8 @@ def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivati
     divisors = list(tile.divisors.values())
 
     fields = {
-        "Q_TILE": _tile_order(work_trend(analysis.by_query, spec)),
-        "KV_TILE": _tile_order(work_trend(analysis.by_key, spec)),
+        "Q_PROGRAM": _program(work_trend(analysis.by_query, spec)),
+        "KV_PROGRAM": _program(work_trend(analysis.by_key, spec)),
         "SPEC": ir.unparse(spec.spec).replace("\n", " "),
         "TANH": _TANH_FAST if fast_tanh else _TANH_PORTABLE,
         "NO_SPECIALIZE": ", ".join(repr(a) for a in no_specialize),
@@ -224,12 +224,12 @@ def _dkdv_loop(analysis: MaskAnalysis, type_of, body: str, divisors: list[Diviso
     ])
 
 
-def _tile_order(trend: int) -> str:
-    """The row tile a program takes: heavy tiles first (a causal mask's last query tiles),
-    so that the grid's last wave is made of short programs."""
-    if trend > 0:
-        return "tl.num_programs(0) - 1 - tl.program_id(0)"
-    return "tl.program_id(0)"
+def _program(trend: int) -> str:
+    """The (row tile, head) a program takes from its place in the (tiles, heads) grid: where
+    the work rises or falls along the rows, heavy tiles first (see _heavy_first)."""
+    if trend == 0:
+        return "tl.program_id(0), tl.program_id(1)"
+    return f"_heavy_first(wave_heads, {trend > 0})"
 
 
 def _is_pointer(arg: str, tensors) -> bool:
