@@ -99,11 +99,15 @@ class Attention:
 
     def __getstate__(self):
         """Copies (deepcopy, pickle) leave the prepared launches behind: they hold compiled
-        kernels, and a copy prepares its own."""
-        return dict(self.__dict__, defaults=dict(self.defaults), _kernel_calls={})
+        kernels, and a copy prepares its own. The index ranges hold generated functions,
+        which pickle cannot name: a copy derives them again from the spec."""
+        state = dict(self.__dict__, defaults=dict(self.defaults), _kernel_calls={})
+        del state["index_ranges"]
+        return state
 
     def __setstate__(self, state):
-        self.__dict__.update(state, defaults=types.MappingProxyType(state["defaults"]))
+        self.__dict__.update(state, defaults=types.MappingProxyType(state["defaults"]),
+                             index_ranges=_ranges(state["spec"]))
 
     @property
     def analysis(self):

@@ -675,18 +675,21 @@ def test_repeated_calls_skip_the_checks_not_what_changed(monkeypatch):
 
 
 def test_an_attention_that_ran_copies_and_keeps_its_defaults():
-    # copy.deepcopy (an average of a model's weights, say) of an Attention that has run: the
-    # copy leaves the prepared launches behind and prepares its own. Its defaults are
-    # read-only, since calls are prepared with them.
+    # copy.deepcopy (an average of a model's weights, say) or pickle (torch.save of a model)
+    # of an Attention that has run: the copy leaves the prepared launches behind and
+    # prepares its own. Its defaults are read-only, since calls are prepared with them.
     import copy
+    import pickle
     slope = torch.tensor([0.5, 0.25])
-    attn = flexdsl.compile("score + slope[h] * (kv - q) where q >= kv", options=TRITON,
-                           slope=slope)
+    attn = flexdsl.compile("score + slope[h] * (kv - q) where q >= kv and kv >= q - W",
+                           options=TRITON, slope=slope, W=7)
     q = torch.randn(1, 2, 20, 16, generator=torch.Generator().manual_seed(31))
     out = attn(q, q, q)
-    twin = copy.deepcopy(attn)
-    assert twin.defaults["slope"] is not slope and not twin._kernel_calls
-    torch.testing.assert_close(twin(q, q, q), out)
+    for twin in (copy.deepcopy(attn), pickle.loads(pickle.dumps(attn))):
+        assert twin.defaults["slope"] is not slope and not twin._kernel_calls
+        torch.testing.assert_close(twin(q, q, q), out)
+        with pytest.raises(TypeError):
+            twin.defaults["W"] = 3
     with pytest.raises(TypeError):
         attn.defaults["slope"] = slope * 2
 
