@@ -58,26 +58,37 @@ def _three_way(case: Case, dtype, head_dim):
     attn = flexdsl.compile(case.spec, **case.params)
     gen = torch.Generator().manual_seed(0)
     for q_len, kv_len in LENGTHS:
-        batch, heads, kv_heads = 1, 4, 2
-        q = torch.randn(batch, heads, q_len, head_dim, generator=gen).to("cuda", dtype)
-        k = torch.randn(batch, kv_heads, kv_len, head_dim, generator=gen).to("cuda", dtype)
-        v = torch.randn(batch, kv_heads, kv_len, head_dim, generator=gen).to("cuda", dtype)
-        tensors = case.make_tensors(batch, heads, q_len, kv_len, gen, device="cuda")
-        grad = torch.randn(batch, heads, q_len, head_dim, generator=gen).to("cuda")
-        gold = _run(attn, q, k, v, tensors, grad, torch.float64)
-        eager = _run(attn, q, k, v, tensors, grad, dtype)
-        kernel = _run(attn, q, k, v, tensors, grad, "kernel")
-        names = ["out", "dq", "dk", "dv", *(n for n, t in tensors.items()
-                                             if t.is_floating_point())]
-        for name, g, e, kk in zip(names, gold, eager, kernel):
-            assert not torch.isnan(kk).any(), f"{name} has NaN at {q_len}x{kv_len}"
-            eager_error, kernel_error = _error(e, g), _error(kk, g)
-            # A tiny floor: at length 1 eager can be exact where the kernel rounds once more.
-            bound = FUDGE * eager_error + 1e-3 * max(1.0, g.abs().max().item()) * (
-                eager_error == 0)
-            assert kernel_error <= bound + 1e-6, (
-                f"{name} at {q_len}x{kv_len}: kernel error {kernel_error:.3g} > {FUDGE} x "
-                f"eager error {eager_error:.3g}")
+        _compare(attn, case, 1, 4, 2, q_len, kv_len, head_dim, dtype, gen)
+
+
+def _compare(attn, case, batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, gen):
+    q = torch.randn(batch, heads, q_len, head_dim, generator=gen).to("cuda", dtype)
+    k = torch.randn(batch, kv_heads, kv_len, head_dim, generator=gen).to("cuda", dtype)
+    v = torch.randn(batch, kv_heads, kv_len, head_dim, generator=gen).to("cuda", dtype)
+    tensors = case.make_tensors(batch, heads, q_len, kv_len, gen, device="cuda")
+    grad = torch.randn(batch, heads, q_len, head_dim, generator=gen).to("cuda")
+    gold = _run(attn, q, k, v, tensors, grad, torch.float64)
+    eager = _run(attn, q, k, v, tensors, grad, dtype)
+    kernel = _run(attn, q, k, v, tensors, grad, "kernel")
+    names = ["out", "dq", "dk", "dv", *(n for n, t in tensors.items() if t.is_floating_point())]
+    for name, g, e, kk in zip(names, gold, eager, kernel):
+        assert not torch.isnan(kk).any(), f"{name} has NaN at {q_len}x{kv_len}"
+        eager_error, kernel_error = _error(e, g), _error(kk, g)
+        # A tiny floor: at length 1 eager can be exact where the kernel rounds once more.
+        bound = FUDGE * eager_error + 1e-3 * max(1.0, g.abs().max().item()) * (
+            eager_error == 0)
+        assert kernel_error <= bound + 1e-6, (
+            f"{name} at {q_len}x{kv_len}: kernel error {kernel_error:.3g} > {FUDGE} x "
+            f"eager error {eager_error:.3g}")
+
+
+@pytest.mark.parametrize("spec", ["where q >= kv", "score"])
+def test_more_heads_than_a_grid_axis_holds(spec):
+    # Batch x heads past 65535, the most a second grid axis takes (an image cut into many
+    # short windows): the programs run on one axis of tiles x heads.
+    attn = flexdsl.compile(spec)
+    _compare(attn, Case("many_heads", spec), 8200, 8, 4, 20, 20, 64, torch.bfloat16,
+             torch.Generator().manual_seed(5))
 
 
 def test_compiles_once_across_lengths_and_parameters():

@@ -291,7 +291,7 @@ def test_backward_reads_only_rows_it_wrote(monkeypatch, tiles):
 def test_every_tile_of_every_head_runs_when_heads_are_grouped(monkeypatch, spec, heads,
                                                               kv_heads):
     # Where tiles differ in work, programs take the heads in groups, heavy tiles first
-    # (_heavy_first). The interpreter counts 4 multiprocessors, so 3 row tiles group 2 heads:
+    # (_tile_and_head). The interpreter counts 4 multiprocessors, so 3 row tiles group 2 heads:
     # 5 heads make groups of 2, 2 and 1. Outputs and gradients start as NaN.
     from flexdsl.kernel import launch
     monkeypatch.setattr(launch, "torch", _NaNEmpty("torch"))

@@ -158,8 +158,8 @@ def _processors(device: torch.device) -> int:
 
 
 def wave_heads(tiles: int, heads: int, processors: int) -> int:
-    """How many heads' row tiles a grid whose tiles differ in work interleaves (_heavy_first in
-    the kernel template): about two programs a multiprocessor, so that each group's heavy
+    """How many heads' row tiles a grid whose tiles differ in work interleaves (_tile_and_head
+    in the kernel template): about two programs a multiprocessor, so that each group's heavy
     tiles fill the GPU and the last wave is light tiles; no more, so that the programs in
     flight share their heads' keys in L2. A power of two: on the H200 (causal, bf16) groups
     of 3 or 9 heads ran 3-12% slower than groups of 2, 4 or 8 (S=4096: 0.180 ms forward at D=64
@@ -388,9 +388,11 @@ class Prepared:
         pos_scale = scale > 0
 
         def forward(config, tma):
-            grid = (triton_cdiv(q_len, config.block_m), batch * heads)
+            tiles = triton_cdiv(q_len, config.block_m)
             fwd_scalars = (*self.qkv_strides, *self.out_strides, q_len, kv_len, heads,
-                           self.group, scale, wave_heads(*grid, settings.processors), *params)
+                           self.group, scale, wave_heads(tiles, batch * heads,
+                                                         settings.processors), *params)
+            grid = (tiles * batch * heads,)
             return Pass.of(kernels.module.attention_forward, grid, fwd_scalars, config, "block_n",
                            (settings.key, 0, tma, pos_scale, short),
                            dict(POS_SCALE=pos_scale, TMA=tma, SPLIT_BIAS=settings.split_bias,
@@ -461,20 +463,22 @@ class Prepared:
         batch, heads = self.batch, self.heads
         common = (*self.qkv_strides, *grad_out_strides)
         dq_strides, dk_strides, dv_strides = self.grad_strides
-        dq_grid = (triton_cdiv(self.q_len, dq_config.block_m), batch * heads)
-        dkdv_grid = (triton_cdiv(self.kv_len, dkdv_config.block_n), batch * self.kv_heads)
+        # One grid axis of tiles x heads (see _tile_and_head in the kernel template).
+        dq_tiles = triton_cdiv(self.q_len, dq_config.block_m), batch * heads
+        dkdv_tiles = triton_cdiv(self.kv_len, dkdv_config.block_n), batch * self.kv_heads
 
-        def scalars(grid):
+        def scalars(tiles, heads_):
             return (self.q_len, self.kv_len, heads, self.group, self.scale,
-                    wave_heads(*grid, settings.processors), self.rows_pad, *self.params)
-        dq = Pass.of(module.attention_backward_dq, dq_grid,
-                     (*common, *self.out_strides, *dq_strides, *scalars(dq_grid)), dq_config,
+                    wave_heads(tiles, heads_, settings.processors), self.rows_pad,
+                    *self.params)
+        dq = Pass.of(module.attention_backward_dq, (math.prod(dq_tiles),),
+                     (*common, *self.out_strides, *dq_strides, *scalars(*dq_tiles)), dq_config,
                      "block_n",
                      (settings.key, 1, dq_tma, tensor_grads, has_dlse),
                      dict(TENSOR_GRADS=tensor_grads, TMA=dq_tma, HAS_DLSE=has_dlse,
                           SPLIT_BIAS=settings.split_bias, **settings.constants))
-        dkdv = Pass.of(module.attention_backward_dkdv, dkdv_grid,
-                       (*common, *dk_strides, *dv_strides, *scalars(dkdv_grid)), dkdv_config,
+        dkdv = Pass.of(module.attention_backward_dkdv, (math.prod(dkdv_tiles),),
+                       (*common, *dk_strides, *dv_strides, *scalars(*dkdv_tiles)), dkdv_config,
                        "block_m",
                        (settings.key, 2, dkdv_tma),
                        dict(TMA=dkdv_tma, SPLIT_BIAS=settings.split_bias_dkdv,

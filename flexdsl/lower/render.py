@@ -97,8 +97,8 @@ def render(spec: CheckedSpec, analysis: MaskAnalysis, derivatives: ScoreDerivati
     divisors = list(tile.divisors.values())
 
     fields = {
-        "Q_PROGRAM": _program(work_trend(analysis.by_query, spec)),
-        "KV_PROGRAM": _program(work_trend(analysis.by_key, spec)),
+        "Q_PROGRAM": _program(work_trend(analysis.by_query, spec), "q_len", "BLOCK_M"),
+        "KV_PROGRAM": _program(work_trend(analysis.by_key, spec), "kv_len", "BLOCK_N"),
         "SPEC": ir.unparse(spec.spec).replace("\n", " "),
         "TANH": _TANH_FAST if fast_tanh else _TANH_PORTABLE,
         "NO_SPECIALIZE": ", ".join(repr(a) for a in no_specialize),
@@ -224,12 +224,10 @@ def _dkdv_loop(analysis: MaskAnalysis, type_of, body: str, divisors: list[Diviso
     ])
 
 
-def _program(trend: int) -> str:
-    """The (row tile, head) a program takes from its place in the (tiles, heads) grid: where
-    the work rises or falls along the rows, heavy tiles first (see _heavy_first)."""
-    if trend == 0:
-        return "tl.program_id(0), tl.program_id(1)"
-    return f"_heavy_first(wave_heads, {trend > 0})"
+def _program(trend: int, rows: str, block: str) -> str:
+    """The (row tile, batch x head) a program takes from its place in the grid (see
+    _tile_and_head): where the work rises or falls along the rows, heavy tiles first."""
+    return f"_tile_and_head(tl.maximum(tl.cdiv({rows}, {block}), 1), wave_heads, {trend})"
 
 
 def _is_pointer(arg: str, tensors) -> bool:
