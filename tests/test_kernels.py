@@ -450,7 +450,7 @@ def test_short_key_ranges_take_a_narrower_forward_tile(monkeypatch):
 
     chosen = settings()
     short, wide = forward(chosen, launch.SHORT_KEYS), forward(chosen, launch.SHORT_KEYS + 1)
-    assert short.config == Config(64, 64, 4, 3) and short.grid == (16, 8)
+    assert short.config == Config(64, 64, 4, 3) and short.grid == (16 * 8,)   # tiles x heads
     assert wide.config.block_m == 128
     assert short.keys[0][:-2] == wide.keys[0][:-2] and short.keys[0] != wide.keys[0]
     assert forward(settings(head_dim=64), 1000).config.block_m == 128   # measured at D=128
