@@ -99,9 +99,11 @@ class Attention:
 
     def __getstate__(self):
         """Copies (deepcopy, pickle) leave the prepared launches behind: they hold compiled
-        kernels, and a copy prepares its own. The index ranges hold generated functions,
-        which pickle cannot name: a copy derives them again from the spec."""
-        state = dict(self.__dict__, defaults=dict(self.defaults), _kernel_calls={})
+        kernels, and a copy prepares its own; so do the keys into the kernels' registry,
+        which a new process starts empty. The index ranges hold generated functions, which
+        pickle cannot name: a copy derives them again from the spec."""
+        state = dict(self.__dict__, defaults=dict(self.defaults), _kernel_calls={},
+                     _kernel_keys={})
         del state["index_ranges"]
         return state
 
