@@ -151,6 +151,13 @@ def settings(kernels: CompiledSpec, head_dim: int, dtype: torch.dtype, device: t
                     split, split_dkdv, _processors(device))
 
 
+def _row_grid(rows: int, block: int, heads: int, processors: int) -> tuple[tuple, int]:
+    """A pass's grid, one axis of row tiles x heads (``rows`` in tiles of ``block``; the kernel
+    template's _tile_and_head decodes it), and the size of its head groups."""
+    tiles = triton_cdiv(rows, block)
+    return (tiles * heads,), wave_heads(tiles, heads, processors)
+
+
 def _processors(device: torch.device) -> int:
     if device.type != "cuda":
         return 4   # the interpreter: small, so that the tests' grids take several head groups
@@ -388,11 +395,9 @@ class Prepared:
         pos_scale = scale > 0
 
         def forward(config, tma):
-            tiles = triton_cdiv(q_len, config.block_m)
+            grid, wave = _row_grid(q_len, config.block_m, batch * heads, settings.processors)
             fwd_scalars = (*self.qkv_strides, *self.out_strides, q_len, kv_len, heads,
-                           self.group, scale, wave_heads(tiles, batch * heads,
-                                                         settings.processors), *params)
-            grid = (tiles * batch * heads,)
+                           self.group, scale, wave, *params)
             return Pass.of(kernels.module.attention_forward, grid, fwd_scalars, config, "block_n",
                            (settings.key, 0, tma, pos_scale, short),
                            dict(POS_SCALE=pos_scale, TMA=tma, SPLIT_BIAS=settings.split_bias,
@@ -463,22 +468,22 @@ class Prepared:
         batch, heads = self.batch, self.heads
         common = (*self.qkv_strides, *grad_out_strides)
         dq_strides, dk_strides, dv_strides = self.grad_strides
-        # One grid axis of tiles x heads (see _tile_and_head in the kernel template).
-        dq_tiles = triton_cdiv(self.q_len, dq_config.block_m), batch * heads
-        dkdv_tiles = triton_cdiv(self.kv_len, dkdv_config.block_n), batch * self.kv_heads
+        dq_grid, dq_wave = _row_grid(self.q_len, dq_config.block_m, batch * heads,
+                                     settings.processors)
+        dkdv_grid, dkdv_wave = _row_grid(self.kv_len, dkdv_config.block_n,
+                                         batch * self.kv_heads, settings.processors)
 
-        def scalars(tiles, heads_):
-            return (self.q_len, self.kv_len, heads, self.group, self.scale,
-                    wave_heads(tiles, heads_, settings.processors), self.rows_pad,
+        def scalars(wave):
+            return (self.q_len, self.kv_len, heads, self.group, self.scale, wave, self.rows_pad,
                     *self.params)
-        dq = Pass.of(module.attention_backward_dq, (math.prod(dq_tiles),),
-                     (*common, *self.out_strides, *dq_strides, *scalars(*dq_tiles)), dq_config,
+        dq = Pass.of(module.attention_backward_dq, dq_grid,
+                     (*common, *self.out_strides, *dq_strides, *scalars(dq_wave)), dq_config,
                      "block_n",
                      (settings.key, 1, dq_tma, tensor_grads, has_dlse),
                      dict(TENSOR_GRADS=tensor_grads, TMA=dq_tma, HAS_DLSE=has_dlse,
                           SPLIT_BIAS=settings.split_bias, **settings.constants))
-        dkdv = Pass.of(module.attention_backward_dkdv, (math.prod(dkdv_tiles),),
-                       (*common, *dk_strides, *dv_strides, *scalars(*dkdv_tiles)), dkdv_config,
+        dkdv = Pass.of(module.attention_backward_dkdv, dkdv_grid,
+                       (*common, *dk_strides, *dv_strides, *scalars(dkdv_wave)), dkdv_config,
                        "block_m",
                        (settings.key, 2, dkdv_tma),
                        dict(TMA=dkdv_tma, SPLIT_BIAS=settings.split_bias_dkdv,
