@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
 from . import ir
-from .analysis import IndexRange, index_ranges
-from .bind import Bound, bind, check_names, check_parameter
+from .analysis import IndexRange, ValueRange, index_ranges, value_ranges
+from .bind import KERNEL_INTEGERS, TORCH_INTEGERS, Bound, bind, check_names, check_parameter
 from .check import CheckedSpec
 from .check import check as _check
 from .errors import SpecCallError, SpecError
@@ -39,15 +39,18 @@ def _checked(text: str) -> CheckedSpec:
     return _check(text)
 
 
-def _ranges(spec: CheckedSpec) -> tuple[IndexRange, ...]:
-    # Ranges keep spans into the spec's own text, so they are cached per text, not per form.
-    return _ranges_of_text(spec.text) if spec is _checked(spec.text) else tuple(
-        index_ranges(spec))
+def _ranges(spec: CheckedSpec) -> tuple[tuple[IndexRange, ...], tuple[ValueRange, ...]]:
+    """The spec's index ranges and value ranges. They keep spans into the spec's own text, so
+    they are cached per text, not per form."""
+    if spec is _checked(spec.text):
+        return _ranges_of_text(spec.text)
+    return tuple(index_ranges(spec)), tuple(value_ranges(spec))
 
 
 @functools.lru_cache(maxsize=256)
-def _ranges_of_text(text: str) -> tuple[IndexRange, ...]:
-    return tuple(index_ranges(_checked(text)))
+def _ranges_of_text(text: str) -> tuple[tuple[IndexRange, ...], tuple[ValueRange, ...]]:
+    spec = _checked(text)
+    return tuple(index_ranges(spec)), tuple(value_ranges(spec))
 
 
 @functools.lru_cache(maxsize=256)
@@ -92,7 +95,7 @@ class Attention:
         self.spec = spec
         self.defaults = types.MappingProxyType(dict(defaults))
         self.options = options or KernelOptions()
-        self.index_ranges = _ranges(spec)
+        self.index_ranges, self.value_ranges = _ranges(spec)
         self._kernel_keys: dict = {}
         self._ranges_passed: set = set()
         self._kernel_calls: dict = {}
@@ -101,15 +104,17 @@ class Attention:
         """Copies (deepcopy, pickle) leave the prepared launches behind: they hold compiled
         kernels, and a copy prepares its own; so do the keys into the kernels' registry,
         which a new process starts empty. The index ranges hold generated functions, which
-        pickle cannot name: a copy derives them again from the spec."""
+        pickle cannot name: a copy derives them again from the spec (so too the value
+        ranges)."""
         state = dict(self.__dict__, defaults=dict(self.defaults), _kernel_calls={},
                      _kernel_keys={})
-        del state["index_ranges"]
+        del state["index_ranges"], state["value_ranges"]
         return state
 
     def __setstate__(self, state):
+        index, value = _ranges(state["spec"])
         self.__dict__.update(state, defaults=types.MappingProxyType(state["defaults"]),
-                             index_ranges=_ranges(state["spec"]))
+                             index_ranges=index, value_ranges=value)
 
     @property
     def analysis(self):
@@ -198,9 +203,12 @@ class Attention:
         return f"flexdsl.Attention({str(self.spec)!r})"
 
     def bind(self, q, k, v, *, scale=None, **params_and_tensors) -> Bound:
+        return self._bind(q, k, v, scale, params_and_tensors, TORCH_INTEGERS)
+
+    def _bind(self, q, k, v, scale, given: dict, integer_limit: int) -> Bound:
         return bind(self.spec, self.index_ranges, q, k, v, scale=scale,
-                    defaults=self.defaults, given=params_and_tensors,
-                    passed=self._ranges_passed)
+                    defaults=self.defaults, given=given, passed=self._ranges_passed,
+                    values=self.value_ranges, integer_limit=integer_limit)
 
     def __call__(self, q, k, v, *, scale=None, return_lse: bool = False,
                  **params_and_tensors):
@@ -215,8 +223,10 @@ class Attention:
     def _call(self, q, k, v, scale, given: dict, key):
         """A call checked in full (``bind``); on the kernels, remembered by its key so that a
         call like it skips the checks and goes straight to its launches."""
-        bound = self.bind(q, k, v, scale=scale, **given)
-        if not self._uses_kernels(bound.q):
+        on_kernels = self._uses_kernels(q) if hasattr(q, "is_cuda") else False
+        bound = self._bind(q, k, v, scale, given,
+                           KERNEL_INTEGERS if on_kernels else TORCH_INTEGERS)
+        if not on_kernels:
             from .kernel import cpu
             tile_plan = self.plan(bound.q_len, bound.kv_len, block_m=cpu.BLOCK_M,
                                   block_n=cpu.BLOCK_N, batch=bound.batch, heads=bound.heads,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from . import ir
-from .analysis import IndexRange
+from .analysis import IndexRange, ValueRange
 from .check import FLOAT, INT, CheckedSpec
 from .errors import SpecCallError
 
@@ -81,6 +81,10 @@ def check_parameter(spec: CheckedSpec, name: str, value) -> int | float:
                                 hint=f"'{name}' is used where only integers make sense "
                                      "(an index, '//', '%', or compared with positions); "
                                      "pass an int")
+        if not -TORCH_INTEGERS <= value <= TORCH_INTEGERS:
+            raise SpecCallError(f"parameter '{name}' is {value}, past the 64-bit integers "
+                                "positions are computed in", spec=text, span=param.span,
+                                hint="integer parameters must lie within +/-2**62")
         return int(value)
     value = float(value)
     if math.isnan(value):
@@ -88,17 +92,28 @@ def check_parameter(spec: CheckedSpec, name: str, value) -> int | float:
     return value
 
 
+# The largest integer magnitude a call may reach: the GPU kernels compute positions and
+# bounds in 32-bit integers (and add a few such values together), the PyTorch path in 64-bit.
+KERNEL_INTEGERS = 2 ** 30
+TORCH_INTEGERS = 2 ** 62
+
+
 def bind(spec: CheckedSpec, ranges: list[IndexRange], q, k, v, *, scale=None,
          defaults: Mapping[str, Any] | None = None,
-         given: Mapping[str, Any] | None = None, passed: set | None = None) -> Bound:
+         given: Mapping[str, Any] | None = None, passed: set | None = None,
+         values: tuple[ValueRange, ...] = (), integer_limit: int = TORCH_INTEGERS) -> Bound:
     """Validate a call. ``defaults`` were bound at compile time; ``given`` at the call.
-    ``passed`` remembers the sizes and parameters whose index ranges already checked out."""
+    ``passed`` remembers the sizes and parameters whose index ranges already checked out;
+    ``values`` bounds the spec's integers (within ``integer_limit``) and divisors."""
     text = spec.text
     _check_qkv(q, k, v, text)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise SpecCallError(f"scale must be a number, got {type(scale).__name__}", spec=text)
+    elif not math.isfinite(scale):
+        raise SpecCallError(f"scale is {scale}", spec=text,
+                            hint="the softmax scale must be finite (default 1/sqrt(head_dim))")
     names = {**(defaults or {}), **(given or {})}
     check_names(spec, names)
     params, tensors = {}, {}
@@ -116,8 +131,8 @@ def bind(spec: CheckedSpec, ranges: list[IndexRange], q, k, v, *, scale=None,
                 span=use.span, hint=f"pass {name}=<tensor> to the call")
         tensors[name] = _check_tensor(spec, name, names[name], q)
     bound = Bound(spec, q, k, v, float(scale), params, tensors)
-    if ranges:
-        _check_ranges(bound, ranges, passed)
+    if ranges or values:
+        _check_ranges(bound, ranges, passed, values, integer_limit)
     return bound
 
 
@@ -201,14 +216,18 @@ def _check_tensor(spec: CheckedSpec, name: str, value, q):
     return value
 
 
-def _check_ranges(bound: Bound, ranges: list[IndexRange], passed: set | None = None) -> None:
+def _check_ranges(bound: Bound, ranges: list[IndexRange], passed: set | None = None,
+                  value_ranges: tuple[ValueRange, ...] = (),
+                  integer_limit: int = TORCH_INTEGERS) -> None:
     if bound.q_len == 0 or bound.kv_len == 0:
         return
     values = bound.values()
     # A training loop repeats the same lengths and parameters: check each combination once.
-    key = (*values.values(), *(bound.tensors[r.tensor].shape[r.dim] for r in ranges))
+    key = (*values.values(), integer_limit,
+           *(bound.tensors[r.tensor].shape[r.dim] for r in ranges))
     if passed is not None and key in passed:
         return
+    _check_values(bound, values, value_ranges, integer_limit)
     for r in ranges:
         try:
             limits = r.bounds(values)
@@ -239,3 +258,28 @@ def _check_ranges(bound: Bound, ranges: list[IndexRange], passed: set | None = N
         if len(passed) > 1024:
             passed.clear()
         passed.add(key)
+
+
+def _check_values(bound: Bound, values: dict, value_ranges, limit: int) -> None:
+    """No divisor fixed by the parameters is 0, and no integer leaves ``limit``."""
+    lengths = f"q_len={bound.q_len}, kv_len={bound.kv_len}"
+    for r in value_ranges:
+        low, high = r.bounds(values)
+        text = ir.unparse(r.node)
+        if r.divisor:
+            if low == high == 0:
+                raise SpecCallError(
+                    f"division by zero in '{ir.unparse(r.division)}': '{text}' is 0 here",
+                    spec=bound.spec.text, span=r.node.span, hint="pass a non-zero value")
+            continue
+        if -limit <= low and high <= limit:
+            continue
+        reach = high if high > limit else low
+        where = ("the GPU kernels compute in 32-bit integers and take values within "
+                 "+/-2**30" if limit < TORCH_INTEGERS else
+                 "flexdsl computes in 64-bit integers and takes values within +/-2**62")
+        raise SpecCallError(
+            f"'{text}' reaches {reach:.4g} here ({lengths}); {where}",
+            spec=bound.spec.text, span=r.node.span,
+            hint="use smaller parameters" + (", or KernelOptions(backend='torch')"
+                                              if limit < TORCH_INTEGERS else ""))

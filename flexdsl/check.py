@@ -120,6 +120,37 @@ class CheckedSpec:
         return Typer(self.signature).type_of(node)
 
 
+_CONSTANT_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+                 "/": lambda a, b: a / b, "//": lambda a, b: a // b, "%": lambda a, b: a % b}
+
+
+def constant_value(node: ir.Expr) -> int | float | None:
+    """The value of an expression of literals alone (``3 - 3``, ``-(2 * 0.5)``), else None.
+
+    >>> constant_value(parse("score / (3 - 3)").score.right), constant_value(parse("q").score)
+    (0, None)
+    """
+    if isinstance(node, ir.Num):
+        return node.value
+    if isinstance(node, ir.Unary) and node.op == "-":
+        inner = constant_value(node.operand)
+        return None if inner is None else -inner
+    if isinstance(node, ir.Binary) and node.op in _CONSTANT_OPS:
+        left, right = constant_value(node.left), constant_value(node.right)
+        if left is None or right is None:
+            return None
+        try:
+            return _CONSTANT_OPS[node.op](left, right)
+        except ArithmeticError:   # 1 // 0 inside: reported where it stands
+            return None
+    if isinstance(node, ir.Call) and node.func in ("abs", "min", "max"):
+        args = [constant_value(a) for a in node.args]
+        if any(a is None for a in args):
+            return None
+        return {"abs": abs, "min": min, "max": max}[node.func](*args)
+    return None
+
+
 def check(spec: Union[str, ir.Spec]) -> CheckedSpec:
     """Check a spec (text or parsed) and return it with its signature.
 
@@ -380,6 +411,14 @@ class _Checker:
             return BOOL
         for t, operand in ((left, node.left), (right, node.right)):
             self.require_number(t, operand, f"with '{node.op}'")
+        if node.op in ("/", "//", "%") and constant_value(node.right) == 0:
+            raise SpecTypeError(f"division by zero: the right side of '{node.op}' is 0",
+                                span=node.right.span,
+                                hint="divide by a non-zero number or a parameter")
+        if node.op == "**" and constant_value(node.left) == 0 and (
+                (constant_value(node.right) or 0) < 0):
+            raise SpecTypeError("0 to a negative power divides by zero", span=node.span,
+                                hint="a negative power is 1 / a power: raise a non-zero base")
         if node.op in ("//", "%"):
             for t, operand in ((left, node.left), (right, node.right)):
                 self.require_int(t, operand, f"with '{node.op}'")

@@ -222,6 +222,47 @@ def test_division_by_zero_in_a_parameter():
     raises_at(lambda: attn(*qkv(), C=0), "'C'", 11, 1, kind=SpecCallError)
 
 
+def test_a_zero_divisor_parameter_is_refused_on_every_path():
+    for spec, params, column in (("where abs(q - kv) <= W and (q - kv) % D == 0",
+                                  {"W": 4, "D": 0}, 38), ("score / T", {"T": 0.0}, 8)):
+        for backend in ("torch", "triton"):
+            attn = flexdsl.compile(spec, options=flexdsl.KernelOptions(backend=backend))
+            raises_at(lambda: attn(*qkv(), **params), "division by zero in", column, 1,
+                      kind=SpecCallError)
+
+
+def test_integers_past_what_the_path_computes_in_are_refused():
+    import sys
+    window = "where 0 <= q - kv < W"
+    torch_path = flexdsl.compile(window)
+    kernels = flexdsl.compile(window, options=flexdsl.KernelOptions(backend="triton"))
+    # 64 bits: refused everywhere (torch could not even take 2**63)
+    for attn in (torch_path, kernels):
+        for big in (sys.maxsize, 2 ** 63, -2 ** 64):
+            raises_at(lambda: attn(*qkv(), W=big), "'W'", 20, 1, kind=SpecCallError)
+    # 32 bits: the kernels' loop bounds would wrap (a hang), their sums overflow
+    error = raises_at(lambda: kernels(*qkv(), W=-2 ** 31 - 1), "32-bit", 20, 1,
+                      kind=SpecCallError)
+    assert "backend='torch'" in error.hint
+    offset = flexdsl.compile("where q + OFF >= kv", options=flexdsl.KernelOptions(backend="triton"))
+    raises_at(lambda: offset(*qkv(), OFF=2 ** 31 - 1), "'q + OFF' reaches", 6, 7,
+              kind=SpecCallError)
+    literal = "where q * 9999999999 >= kv"
+    raises_at(lambda: flexdsl.compile(literal, options=flexdsl.KernelOptions(backend="triton"))(
+        *qkv()), "32-bit", 6, 14, kind=SpecCallError)
+    q, k, v = qkv()
+    out, lse = flexdsl.compile(literal)(q, k, v, return_lse=True)   # 64-bit: fine
+    ref_out, _ = flexdsl.compile(literal).reference(q, k, v)
+    torch.testing.assert_close(out, ref_out.to(out.dtype))
+    torch.testing.assert_close(torch_path(q, k, v, W=-2 ** 31 - 1), torch.zeros_like(q))
+
+
+@pytest.mark.parametrize("scale", [math.nan, math.inf, -math.inf])
+def test_a_scale_that_is_not_finite_is_refused(scale):
+    with pytest.raises(SpecCallError, match="scale is"):
+        flexdsl.compile("score")(*qkv(), scale=scale)
+
+
 # -- errors are SpecErrors whatever the entry point ---------------------------------------------
 
 def test_every_error_is_a_spec_error():

@@ -77,6 +77,12 @@ CATALOGUE = [
      "'bias' is indexed with 2 indexes here but 1 elsewhere", 18, 10, "one rank"),
     ("two ranks", "where doc[q] == doc[kv, q]",
      "'doc' is indexed with 2 indexes here but 1 elsewhere", 16, 10, None),
+    # a divisor of literals alone that comes to 0
+    ("zero divisor", "where q % 0 == 0", "division by zero: the right side of '%' is 0", 10, 1,
+     "non-zero"),
+    ("zero divisor", "score / 0.0", "division by zero: the right side of '/' is 0", 8, 3, None),
+    ("zero divisor", "where q // (3 - 3) >= kv", "the right side of '//' is 0", 12, 5, None),
+    ("zero divisor", "score + 0 ** -1", "0 to a negative power divides by zero", 8, 7, None),
 ]
 
 

@@ -4,6 +4,10 @@ For ``bias[h, q - kv + kv_len]`` the second index runs over [1, q_len + kv_len -
 needs q_len + kv_len entries along that dimension. Affine indices get exact ranges; others get
 sound interval bounds; indices that depend on data (``table[doc[q]]``) get none and are checked
 when evaluated.
+
+The same intervals bound every integer sub-expression (``value_ranges``), so that a call whose
+parameters would overflow the integers it is computed in is refused, and every divisor fixed by
+the parameters and lengths, so that a call dividing by zero is too.
 """
 from __future__ import annotations
 
@@ -48,6 +52,55 @@ class IndexRange:
         if not (math.isfinite(low) and math.isfinite(high)):
             raise ValueError(f"index '{ir.unparse(self.index)}' is not finite here")
         return math.floor(low), math.ceil(high)
+
+
+@dataclass(frozen=True)
+class ValueRange:
+    """An integer sub-expression of the spec spans [low, high]; or, with ``divisor``, a
+    divisor that depends on no position (``D`` in ``(q - kv) % D``), which must not be 0."""
+    node: ir.Expr
+    divisor: bool
+    division: ir.Expr | None = None    # for a divisor, the division it divides
+    _evaluate: object = field(default=None, compare=False, repr=False)
+
+    def bounds(self, values: dict[str, int | float]) -> tuple[float, float]:
+        """[low, high] for concrete lengths and parameters; infinite where they overflow."""
+        names, function = self._evaluate
+        try:
+            low, high = function(*(values[n] for n in names))
+        except (OverflowError, ValueError, ZeroDivisionError):
+            return -math.inf, math.inf
+        return float(low), float(high)
+
+
+def value_ranges(spec: CheckedSpec) -> list[ValueRange]:
+    """Each integer sub-expression with sound interval bounds (indices of lookups included,
+    lookups themselves not: data decides them), and each divisor fixed per call."""
+    symbols = Symbols(spec)
+    extents = {
+        "b": (0, symbols[N_BATCH] - 1), "h": (0, symbols[N_HEADS] - 1),
+        "q": (0, symbols["q_len"] - 1), "kv": (0, symbols["kv_len"] - 1),
+    }
+    roots = [e for e in (spec.spec.score, spec.spec.mask) if e is not None]
+    out, seen = [], set()
+    for node in (n for root in roots for n in ir.walk(root)):
+        divisor = isinstance(node, ir.Binary) and node.op in ("/", "//", "%")
+        candidates = []
+        if divisor and not (ir.names(node.right) & set(ir.POSITIONS)) \
+                and not _has_lookup(node.right) and ir.names(node.right):
+            candidates.append((node.right, node))
+        if not isinstance(node, (ir.Compare, ir.Lookup)) and not _has_lookup(node) \
+                and spec.type_of(node) == "int":
+            candidates.append((node, None))
+        for candidate, division in candidates:
+            if (candidate, division) in seen:
+                continue
+            seen.add((candidate, division))
+            interval = _interval(candidate, symbols, extents)
+            if interval is not None:
+                out.append(ValueRange(candidate, division is not None, division,
+                                      _compile(*interval)))
+    return out
 
 
 def index_ranges(spec: CheckedSpec) -> list[IndexRange]:
@@ -102,6 +155,7 @@ _PYTHON = {"Min": min, "Max": max, "floor": math.floor, "ceiling": math.ceil}
 
 def _compile(low, high):
     """(names, f) with f(*values) == (low, high), as generated Python arithmetic."""
+    low, high = sympy.sympify(low), sympy.sympify(high)
     free = sorted({s.name for s in (low.free_symbols | high.free_symbols)})
     function = sympy.lambdify([sympy.Symbol(n) for n in free],
                               (low.subs({s: sympy.Symbol(s.name) for s in low.free_symbols}),
@@ -117,7 +171,9 @@ def _has_lookup(node: ir.Expr) -> bool:
 def _interval(node: ir.Expr, symbols: Symbols, extents) -> tuple | None:
     """Sound interval bounds by structural recursion, for non-affine indices."""
     if isinstance(node, ir.Num):
-        return sympy.Integer(node.value), sympy.Integer(node.value)
+        value = sympy.Integer(node.value) if isinstance(node.value, int) else sympy.Float(
+            node.value)
+        return value, value
     if isinstance(node, ir.Name):
         if node.id in extents:
             return extents[node.id]
