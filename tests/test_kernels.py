@@ -585,6 +585,26 @@ def test_tables_without_gradients_cost_nothing_and_stay_correct():
     assert slope.grad is None
 
 
+@pytest.mark.parametrize("spec, params", [
+    ("score + (kv - q) ** 3 * 1e-3", {}),              # odd power of a negative base
+    ("score + (kv - q) ** 4 * 1e-4 where q >= kv", {}),
+    ("score * (kv - q + 0.5) ** -1", {}),              # a negative literal power
+    ("score + (kv - q + 0.5) ** P * 1e-4", {"P": 3.0}),   # a parameter power, negative bases
+    ("score + 0 ** q + q ** 0", {}),                   # 0 ** 0 is 1
+    ("score + (7 % -3) * (-7 // -2) + 2 ** 10 * 1e-3", {}),   # literals folded as Python does
+])
+def test_powers_and_literals_as_torch_computes_them(spec, params):
+    # exp2(y * log2(x)) is NaN for a negative x: powers go by products or by _pow.
+    _check(Case("powers", spec, params), 21, 19, torch.float32)
+
+
+def test_integer_powers_past_32_bits_are_refused_on_the_kernels():
+    attn = flexdsl.compile("score + (kv - q) ** 9 * 1e-12", options=TRITON)
+    q = torch.randn(1, 1, 20, 16)
+    with pytest.raises(flexdsl.SpecCallError, match="32-bit"):
+        attn(q, q, q)
+
+
 def test_lse_gradient():
     attn = flexdsl.compile("where q >= kv", options=TRITON)
     gen = torch.Generator().manual_seed(11)

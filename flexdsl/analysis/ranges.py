@@ -198,6 +198,12 @@ def _interval(node: ir.Expr, symbols: Symbols, extents) -> tuple | None:
             return sympy.floor(a[0] / b[0]), sympy.floor(a[1] / b[0])
         if node.op == "%" and b[0] == b[1]:
             return sympy.Integer(0), b[0] - 1
+        if node.op == "**" and isinstance(node.right, ir.Num) and isinstance(
+                node.right.value, int) and node.right.value >= 0:
+            n = node.right.value
+            if n % 2:   # odd: increasing
+                return a[0] ** n, a[1] ** n
+            return sympy.Integer(0), sympy.Max(a[0] ** n, a[1] ** n)
         return None
     if isinstance(node, ir.Call):
         args = [_interval(a, symbols, extents) for a in node.args]

@@ -11,10 +11,11 @@ templates define (``_fdiv_prepared``, ``_fdiv_s``, ``_fdiv``, ``_tanh``...).
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 
 from .. import ir
-from ..check import BOOL, FLOAT, INT
+from ..check import BOOL, FLOAT, INT, constant_value
 
 _COMPARE = {"==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
 _FLOAT_CALLS = {"exp": "tl.exp", "exp2": "tl.exp2", "log": "tl.log", "log2": "tl.log2",
@@ -176,6 +177,11 @@ class Lowering:
 
     def _Binary(self, node: ir.Binary) -> str:
         op = node.op
+        folded = constant_value(node)
+        if folded is not None and math.isfinite(folded):
+            # Literals alone (`7 % -3`, `2 ** 10`): Python's value, as the reference has it.
+            return repr(folded) if self.type_of(node) == INT or isinstance(folded, float) \
+                else repr(float(folded))
         if op in ("and", "or"):
             return f"({self.expr(node.left)} {'&' if op == 'and' else '|'} {self.expr(node.right)})"
         if op == "/":
@@ -200,15 +206,19 @@ class Lowering:
                 return f"{helper}_prepared({left}, {self._divisor(node.right, right).prepared})"
             return f"{helper}({left}, {right})"
         if op == "**":
-            exponent = node.right
-            if isinstance(exponent, ir.Num) and isinstance(exponent.value, int) \
-                    and 0 <= exponent.value <= 8:
-                if exponent.value == 0:
-                    return "1" if self.type_of(node) == INT else "1.0"
-                base = self.expr(node.left)
-                return "(" + " * ".join([base] * exponent.value) + ")"
-            return (f"tl.exp2({self.floating(node.right)} * "
-                    f"tl.log2({self.floating(node.left)}))")
+            exponent = constant_value(node.right)
+            if isinstance(exponent, int) and -_POWER_BY_PRODUCTS <= exponent <= _POWER_BY_PRODUCTS:
+                # An integer power by products: exact, and right for negative bases, where
+                # exp2(y * log2(x)) is NaN.
+                if exponent == 0:
+                    base = self.expr(node.left)
+                    # Shaped like the base (a bare 1 has no .to()); 1 even where it is inf.
+                    return (f"(0 * {base} + 1)" if self.type_of(node) == INT
+                            else f"tl.where({base} == {base}, 1.0, 1.0)")
+                if exponent > 0:
+                    return _power(self.expr(node.left), exponent)
+                return f"(1.0 / {_power(self.floating(node.left), -exponent)})"
+            return f"_pow({self.floating(node.left)}, {self.floating(node.right)})"
         dtype = self.type_of(node)
         return f"({self._as(node.left, dtype)} {op} {self._as(node.right, dtype)})"
 
@@ -277,3 +287,17 @@ def _uniform(node: ir.Expr) -> bool:
 
 def _positions(node: ir.Expr) -> set[str]:
     return ir.names(node) & set(ir.POSITIONS)
+
+
+# Integer powers up to this are products (x ** 12: four multiplies by squaring); beyond, _pow.
+_POWER_BY_PRODUCTS = 64
+
+
+def _power(base: str, exponent: int) -> str:
+    """``base ** exponent`` (a positive int) as products, by squaring: the compiler merges the
+    repeated sub-expressions."""
+    if exponent == 1:
+        return base
+    half = _power(base, exponent // 2)
+    square = f"({half} * {half})"
+    return f"({square} * {base})" if exponent % 2 else square
