@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
 from . import ir
-from .analysis import IndexRange, ValueRange, index_ranges, value_ranges
+from .analysis import IndexRange, ValueRange, index_ranges, unbounded_lookups, value_ranges
 from .bind import KERNEL_INTEGERS, TORCH_INTEGERS, Bound, bind, check_names, check_parameter
 from .check import CheckedSpec
 from .check import check as _check
@@ -96,6 +96,8 @@ class Attention:
         self.defaults = types.MappingProxyType(dict(defaults))
         self.options = options or KernelOptions()
         self.index_ranges, self.value_ranges = _ranges(spec)
+        self._unbounded = unbounded_lookups(spec, self.index_ranges)
+        self._lookups_checked = None   # what _check_lookups last passed
         self._kernel_keys: dict = {}
         self._ranges_passed: set = set()
         self._kernel_calls: dict = {}
@@ -107,7 +109,7 @@ class Attention:
         pickle cannot name: a copy derives them again from the spec (so too the value
         ranges)."""
         state = dict(self.__dict__, defaults=dict(self.defaults), _kernel_calls={},
-                     _kernel_keys={})
+                     _kernel_keys={}, _lookups_checked=None)
         del state["index_ranges"], state["value_ranges"]
         return state
 
@@ -215,6 +217,8 @@ class Attention:
         key = _call_key(q, k, v, scale, params_and_tensors)
         known = self._kernel_calls.get(key) if key is not None else None
         if known is not None:
+            if self._unbounded:
+                self._check_lookups(q, k, known.params, known.tensors(params_and_tensors))
             out, lse = known.run(q, k, v, params_and_tensors)
         else:
             out, lse = self._call(q, k, v, scale, params_and_tensors, key)
@@ -246,6 +250,8 @@ class Attention:
         params = [float(bound.params[n]) for n in self.spec.signature.params]
         if torch.compiler.is_compiling():
             return ops.attention(q, k, v, tensors, params, kernels, bound.scale)
+        if self._unbounded:
+            self._check_lookups(q, k, bound.params, bound.tensors)
         entry = ops.registry[kernels]
         prepared = entry.prepared(q, k, v, bound.scale, params)
         result = ops.run(q, k, v, tensors, entry, prepared)
@@ -253,8 +259,40 @@ class Attention:
             if len(self._kernel_calls) > 64:
                 self._kernel_calls.clear()
             sources = tuple((n, self.defaults.get(n)) for n in self.spec.signature.tensors)
-            self._kernel_calls[key] = _KernelCall(entry, prepared, sources)
+            self._kernel_calls[key] = _KernelCall(entry, prepared, sources, bound.params)
         return result
+
+    def _check_lookups(self, q, k, params: Mapping, tensors: Mapping) -> None:
+        """Evaluate the lookups whose indices no formula bounds (``table[doc[q]]``), raising
+        as the PyTorch path does where an index leaves its tensor: the kernels would clamp it.
+        Once per lengths, parameters and tensor contents (identity and version)."""
+        import weakref
+
+        import torch
+
+        from . import eager
+        batch, heads, q_len, kv_len = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        if not (batch and heads and q_len and kv_len):
+            return
+        used = [tensors[n] for n in sorted(tensors)]
+        try:
+            stamp = (batch, heads, q_len, kv_len, tuple(sorted(params.items())),
+                     tuple(t._version for t in used))
+        except RuntimeError:   # an inference tensor has no version: check every call
+            stamp = None
+        last = self._lookups_checked
+        if stamp is not None and last is not None and last[0] == stamp and all(
+                ref() is t for ref, t in zip(last[1], used)):
+            return
+        for node in self._unbounded:
+            rows = 1024 if "q" in ir.names(node) else q_len   # (rows, kv_len) grids a step
+            for start in range(0, q_len, rows):
+                positions = eager.positions(batch, heads, q_len, kv_len, q.device, start,
+                                            min(start + rows, q_len))
+                eager.evaluate(node, eager.Grid(positions, params, tensors, torch.float32,
+                                                None, self.spec.text))
+        if stamp is not None:
+            self._lookups_checked = (stamp, tuple(weakref.ref(t) for t in used))
 
     def reference(self, q, k, v, *, scale=None, dtype="float64", **params_and_tensors):
         """The dense oracle on the same inputs: (out, lse), in float64 unless told otherwise."""
@@ -305,6 +343,10 @@ class _KernelCall:
     entry: Any
     prepared: Any
     tensor_sources: tuple
+    params: Mapping   # the call's parameters, defaults included
+
+    def tensors(self, given: Mapping[str, Any]) -> dict:
+        return {name: given.get(name, default) for name, default in self.tensor_sources}
 
     def run(self, q, k, v, given: Mapping[str, Any]):
         from .kernel import ops

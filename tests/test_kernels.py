@@ -605,6 +605,27 @@ def test_integer_powers_past_32_bits_are_refused_on_the_kernels():
         attn(q, q, q)
 
 
+def test_lookups_no_formula_bounds_are_checked_like_the_torch_path(monkeypatch):
+    # The kernels clamp an index that leaves its tensor; a call must refuse it instead.
+    from flexdsl import eager
+    attn = flexdsl.compile("score + tab[doc[q]]", options=TRITON)
+    q, k, v = (torch.randn(1, 2, 20, 16) for _ in range(3))
+    tab, doc = torch.randn(4), torch.arange(20) % 4
+    torch.testing.assert_close(attn(q, k, v, tab=tab, doc=doc),
+                               attn.reference(q, k, v, tab=tab, doc=doc)[0].float())
+    evaluations = []
+    monkeypatch.setattr(eager, "evaluate", lambda *a: evaluations.append(a) or None)
+    attn(q, k, v, tab=tab, doc=doc)
+    assert not evaluations, "the same tensors, unchanged: checked once"
+    monkeypatch.undo()
+    doc[3] = 7   # in place: its version moves
+    with pytest.raises(flexdsl.SpecCallError, match="tab\\[doc\\[q\\]\\] reaches 7"):
+        attn(q, k, v, tab=tab, doc=doc)
+    with pytest.raises(flexdsl.SpecCallError, match="reaches 19"):
+        flexdsl.compile("score + bias[q // X]", options=TRITON)(q, k, v, bias=torch.randn(5),
+                                                                 X=1)
+
+
 def test_lse_gradient():
     attn = flexdsl.compile("where q >= kv", options=TRITON)
     gen = torch.Generator().manual_seed(11)

@@ -103,6 +103,20 @@ def value_ranges(spec: CheckedSpec) -> list[ValueRange]:
     return out
 
 
+def unbounded_lookups(spec: CheckedSpec, ranges) -> tuple[ir.Lookup, ...]:
+    """The lookups with an index whose range no formula gives (``table[doc[q]]`` reads data;
+    ``bias[q // X]`` divides by a parameter of unknown sign): a call checks them by evaluating
+    them, as the PyTorch path does."""
+    unknown = {(r.tensor, r.dim, r.index) for r in ranges if r.low is None}
+    roots = [e for e in (spec.spec.score, spec.spec.mask) if e is not None]
+    out = []
+    for node in (n for root in roots for n in ir.walk(root)):
+        if isinstance(node, ir.Lookup) and node not in out and any(
+                (node.tensor, dim, index) in unknown for dim, index in enumerate(node.indices)):
+            out.append(node)
+    return tuple(out)
+
+
 def index_ranges(spec: CheckedSpec) -> list[IndexRange]:
     """Every (tensor, dimension, index expression) of the spec with its range."""
     symbols = Symbols(spec)
