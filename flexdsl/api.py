@@ -31,6 +31,9 @@ def check(spec: SpecLike) -> CheckedSpec:
     """Parse (if needed) and check a spec: its types, names and signature."""
     if isinstance(spec, CheckedSpec):
         return spec
+    if not isinstance(spec, (str, ir.Spec)):
+        raise SpecError(f"a spec is text, got {type(spec).__name__}",
+                        hint='e.g. flexdsl.compile("where q >= kv")')
     return _checked(spec) if isinstance(spec, str) else _check(spec)
 
 
@@ -244,7 +247,14 @@ class Attention:
                      "KernelOptions(backend='torch')")
         import torch
 
+        from .kernel import compile as kernel_compile
         from .kernel import ops
+        if not q.is_cuda and not kernel_compile.interpreting():
+            raise SpecCallError(
+                f"the Triton kernels need CUDA tensors, and q is on {q.device}",
+                spec=self.spec.text,
+                hint="move q, k and v to the GPU; on a CPU use KernelOptions(backend='torch') "
+                     "(or set TRITON_INTERPRET=1 before importing triton, to debug the kernels)")
         kernels = self._kernel_key(q.dtype)
         tensors = [bound.tensors[n] for n in self.spec.signature.tensors]
         params = [float(bound.params[n]) for n in self.spec.signature.params]
@@ -300,8 +310,12 @@ class Attention:
 
         from . import reference
         bound = self.bind(q, k, v, scale=scale, **params_and_tensors)
-        dtype = None if dtype is None else getattr(torch, dtype) if isinstance(dtype, str) \
+        dtype = None if dtype is None else getattr(torch, dtype, None) if isinstance(dtype, str) \
             else dtype
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise SpecCallError(f"the reference computes in a float dtype, not {dtype!r}",
+                                spec=self.spec.text, hint="dtype='float64' (the default), "
+                                "'float32', or None for q's dtype")
         return reference.attention(self.spec, bound.q, bound.k, bound.v, scale=bound.scale,
                                    params=bound.params, tensors=bound.tensors, dtype=dtype)
 
@@ -373,6 +387,11 @@ def compile(spec: SpecLike, *, options: KernelOptions | None = None,  # noqa: A0
     'int'
     """
     checked = check(spec)
+    if options is not None and not isinstance(options, KernelOptions):
+        raise SpecError(f"options must be a flexdsl.KernelOptions, got {options!r}",
+                        spec=checked.text,
+                        hint=f"options=flexdsl.KernelOptions(backend={options!r})"
+                        if options in ("auto", "triton", "torch") else None)
     try:
         check_names(checked, params_and_tensors)
         defaults = {}

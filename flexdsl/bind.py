@@ -168,6 +168,12 @@ def _check_qkv(q, k, v, text: str) -> None:
         if not (t.dtype.is_floating_point and t.dtype.itemsize >= 2):
             raise SpecCallError(f"{name} has dtype {t.dtype}; flexdsl takes float16, "
                                 f"bfloat16, float32 or float64", spec=text)
+    if q.shape[3] == 0:
+        raise SpecCallError("q and k have head dim 0", spec=text,
+                            hint="attention needs at least one feature per head")
+    if q.device.type == "meta":
+        raise SpecCallError("q, k and v are on the meta device, which holds no values",
+                            spec=text, hint="pass tensors with data (cpu or cuda)")
     if not (q.dtype == k.dtype == v.dtype):
         raise SpecCallError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, "
                             f"{v.dtype}", spec=text, hint="cast them to one dtype")
@@ -189,6 +195,11 @@ def _check_qkv(q, k, v, text: str) -> None:
             f"the query heads must be a multiple of the key heads", spec=text)
 
 
+# Integer dtypes torch compares and indexes with too little support (no CPU comparison for
+# the wide unsigned ones), and bool.
+_NOT_INDEX_DTYPES = {"torch.bool", "torch.uint16", "torch.uint32", "torch.uint64"}
+
+
 def _check_tensor(spec: CheckedSpec, name: str, value, q):
     tensor = spec.signature.tensors[name]
     span = tensor.uses[0].span
@@ -202,8 +213,10 @@ def _check_tensor(spec: CheckedSpec, name: str, value, q):
             f"in the spec but has {value.dim()} dimensions (shape {tuple(value.shape)})",
             spec=text, span=span)
     if tensor.dtype == INT and (value.is_floating_point() or value.is_complex()
-                                or value.dtype.__str__() == "torch.bool"):
-        raise SpecCallError(f"'{name}' must hold integers, got {value.dtype}", spec=text,
+                                or str(value.dtype) in _NOT_INDEX_DTYPES):
+        kind = ("must hold integers" if value.dtype.is_floating_point or value.is_complex()
+                or str(value.dtype) == "torch.bool" else "must hold signed integers (or uint8)")
+        raise SpecCallError(f"'{name}' {kind}, got {value.dtype}", spec=text,
                             span=span, hint=f"'{name}' is compared or used as an index; "
                                             f"pass {name}.long()")
     if tensor.dtype == FLOAT and not value.is_floating_point():

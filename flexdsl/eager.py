@@ -28,6 +28,9 @@ class Grid:
     float_dtype: torch.dtype
     score: torch.Tensor | None = None
     spec_text: str = ""
+    # Where the mask keeps a position: elsewhere the arguments of log, sqrt, exp, a divisor
+    # and a power's base read 1, so that a masked position's gradient is 0, not 0 * inf.
+    keep: torch.Tensor | None = None
 
 
 def evaluate(node: ir.Expr, grid: Grid) -> torch.Tensor:
@@ -57,6 +60,12 @@ class _Evaluator:
 
     def floating(self, x: torch.Tensor) -> torch.Tensor:
         return x if x.is_floating_point() else x.to(self.grid.float_dtype)
+
+    def kept(self, x: torch.Tensor) -> torch.Tensor:
+        """x where the mask keeps the position, 1 elsewhere (see Grid.keep)."""
+        keep = self.grid.keep
+        return x if keep is None else torch.where(keep, x, torch.ones((), dtype=x.dtype,
+                                                                      device=x.device))
 
     def visit(self, node: ir.Expr) -> torch.Tensor:
         return getattr(self, "visit_" + type(node).__name__)(node)
@@ -109,7 +118,7 @@ class _Evaluator:
         if op == "*":
             return left * right
         if op == "/":
-            return self.floating(left) / self.floating(right)
+            return self.floating(left) / self.kept(self.floating(right))
         if op in ("//", "%"):
             if bool((right == 0).any()):
                 raise SpecCallError(f"division by zero in '{ir.unparse(node)}'",
@@ -122,7 +131,7 @@ class _Evaluator:
             exact = isinstance(node.right, ir.Num) and isinstance(node.right.value, int)
             if exact and not left.is_floating_point():
                 return torch.pow(left, right)
-            return torch.pow(self.floating(left), self.floating(right))
+            return torch.pow(self.kept(self.floating(left)), self.floating(right))
         raise AssertionError(op)
 
     def visit_Compare(self, node):
@@ -137,7 +146,7 @@ class _Evaluator:
         args = [self.visit(a) for a in node.args]
         f = node.func
         if f in _FLOAT_FUNCTIONS:
-            return _FLOAT_FUNCTIONS[f](self.floating(args[0]))
+            return _FLOAT_FUNCTIONS[f](self.kept(self.floating(args[0])))
         if f == "abs":
             return torch.abs(args[0])
         if f in ("floor", "ceil"):

@@ -263,6 +263,46 @@ def test_a_scale_that_is_not_finite_is_refused(scale):
         flexdsl.compile("score")(*qkv(), scale=scale)
 
 
+@pytest.mark.parametrize("call, message", [
+    (lambda: flexdsl.compile(None), "a spec is text, got NoneType"),
+    (lambda: flexdsl.compile(b"where q >= kv"), "a spec is text, got bytes"),
+    (lambda: flexdsl.compile("score", options="triton"), "options must be a flexdsl.KernelOptions"),
+    (lambda: flexdsl.compile("score", options=flexdsl.KernelOptions(backend="triton"))(*qkv()),
+     "the Triton kernels need CUDA tensors"),
+    (lambda: flexdsl.compile("where doc[q] == doc[kv]")(
+        *qkv(), doc=torch.zeros(9, dtype=torch.uint32)), "signed integers"),
+    (lambda: flexdsl.compile("score")(*qkv(dim=0)), "head dim 0"),
+    (lambda: flexdsl.compile("score")(*(t.to("meta") for t in qkv())), "meta device"),
+    (lambda: flexdsl.compile("score").reference(*qkv(), dtype="int64"), "float dtype"),
+])
+def test_inputs_no_path_can_run_are_spec_errors(call, message, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(flexdsl.SpecError, match=message):
+        call()
+
+
+def test_empty_batches_and_nothing_kept_still_differentiate():
+    q, k, v = (t.requires_grad_() for t in qkv())
+    for spec, tensors in (("where q < 0", {}), ("where doc[q] == doc[kv] and q > kv",
+                                                 {"doc": torch.arange(9)})):
+        out = flexdsl.compile(spec)(q, k, v, **tensors)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+    assert flexdsl.compile("score")(*qkv(batch=0)).shape == (0, 4, 7, 8)
+
+
+def test_masked_positions_give_no_nan_gradients():
+    # log(q - kv) is -inf on the diagonal the mask drops: its gradient there is 0, not 0 * inf.
+    attn = flexdsl.compile("score - slope[h] * log(q - kv) + exp(kv - q) where q > kv")
+    q, k, v = (t.requires_grad_() for t in qkv(heads=2, kv_heads=1, q_len=9))
+    slope = torch.tensor([0.5, 0.25], dtype=F64, requires_grad=True)
+    for run in (attn, attn.reference):
+        out = run(q, k, v, slope=slope)
+        out = out[0] if isinstance(out, tuple) else out
+        grads = torch.autograd.grad(out.sum(), (q, k, v, slope))
+        assert all(torch.isfinite(g).all() for g in grads)
+
+
 # -- errors are SpecErrors whatever the entry point ---------------------------------------------
 
 def test_every_error_is_a_spec_error():

@@ -6,6 +6,7 @@ touched and FULL blocks skip evaluating the mask. Plain torch ops throughout, so
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -37,7 +38,7 @@ def attention(bound: Bound, kv_blocks=None, block_m: int = BLOCK_M, block_n: int
         q_stop = min(q_start + block_m, q_len)
         # (B, Hkv, G, M, D): every query head of a group meets its shared key head.
         q_block = q[:, :, q_start:q_stop].to(compute)
-        q_block = q_block.reshape(batch, kv_heads, group, q_stop - q_start, -1)
+        q_block = q_block.reshape(batch, kv_heads, group, q_stop - q_start, q.shape[-1])
         row_max = torch.full((batch, heads, q_stop - q_start, 1), -math.inf, dtype=compute,
                              device=q.device)
         row_sum = torch.zeros_like(row_max)
@@ -54,16 +55,20 @@ def attention(bound: Bound, kv_blocks=None, block_m: int = BLOCK_M, block_n: int
                     eager.positions(batch, heads, q_len, kv_len, q.device,
                                     q_start, q_stop, n_start, n_stop),
                     bound.params, tensors, compute, scores, bound.spec.text)
-                scores = eager.evaluate(spec.score, grid).to(compute).expand_as(scores)
+                keep = None
                 if masked and spec.mask is not None:
                     keep = eager.evaluate(spec.mask, grid)
+                    grid = dataclasses.replace(grid, keep=keep)
+                scores = eager.evaluate(spec.score, grid).to(compute).expand_as(scores)
+                if keep is not None:
                     scores = scores.masked_fill(~keep, -math.inf)
                 new_max = torch.maximum(row_max, scores.amax(dim=-1, keepdim=True))
                 safe_max = new_max.masked_fill(new_max == -math.inf, 0)
                 correction = torch.exp(row_max - safe_max)
                 weights = torch.exp(scores - safe_max)
                 row_sum = row_sum * correction + weights.sum(dim=-1, keepdim=True)
-                weights = weights.reshape(batch, kv_heads, group, q_stop - q_start, -1)
+                weights = weights.reshape(batch, kv_heads, group, q_stop - q_start,
+                                          n_stop - n_start)
                 update = torch.matmul(weights, v_block).reshape_as(acc)
                 acc = acc * correction + update
                 row_max = new_max
@@ -72,6 +77,18 @@ def attention(bound: Bound, kv_blocks=None, block_m: int = BLOCK_M, block_n: int
         lse = row_max + torch.log(row_sum)
         lses.append(lse.masked_fill(empty, -math.inf).squeeze(-1))
     if not outs:
-        return q.new_zeros(batch, heads, 0, v.shape[-1]), q.new_zeros(batch, heads, 0)
-    out = torch.cat(outs, dim=2).to(q.dtype)
-    return out, torch.cat(lses, dim=2)
+        out, lse = q.new_zeros(batch, heads, 0, v.shape[-1]), q.new_zeros(batch, heads, 0)
+    else:
+        out, lse = torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2)
+    return _tied(out, q, k, v, tensors), _tied(lse, q, k, v, tensors)
+
+
+def _tied(result, *inputs):
+    """``result``, in the autograd graph of the inputs that want a gradient even where no key
+    was kept (nothing read them): their gradient is then 0, not an error."""
+    if result.requires_grad or not torch.is_grad_enabled():
+        return result
+    wanting = [t for t in (*inputs[:3], *inputs[3].values()) if t.requires_grad]
+    if not wanting:
+        return result
+    return result + sum(t.sum() * 0 for t in wanting).to(result.dtype)
