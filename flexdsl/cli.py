@@ -5,6 +5,7 @@ Exit codes: 0 done, 1 the spec (or a file) is wrong, 2 the command line is wrong
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -174,7 +175,14 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    if value > _LARGEST:
+        raise argparse.ArgumentTypeError(f"{value} is too large (at most 2**31 - 1)")
     return value
+
+
+_LARGEST = 2 ** 31 - 1   # lengths and sizes: positions are computed in 32 bits on GPUs
+# A plan or picture past this many tiles would take minutes and gigabytes to print or draw.
+_MAX_TILES = 1 << 24
 
 
 @dataclass
@@ -291,6 +299,11 @@ def cmd_show(args) -> int:
     problem = _problem(args)
     attention = problem.attention
     tensors = problem.tensors(seed=args.seed)
+    tiles = -(-problem.q_len // block_m) * -(-problem.kv_len // block_n)
+    if tiles > _MAX_TILES:
+        raise CommandError(f"{tiles:,} tiles of {block_m}x{block_n} are too many to show "
+                           f"(at most {_MAX_TILES:,}): pass a larger --tile, or shorter "
+                           "--q-len and --kv-len")
     progress(f"planning {block_m}x{block_n} tiles")
     try:
         plan = attention.plan(problem.q_len, problem.kv_len, block_m=block_m, block_n=block_n,
@@ -516,6 +529,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except (SpecError, CommandError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (`flexdsl show ... | head`): not an error of ours. Point
+        # stdout at nothing so that Python's flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
 

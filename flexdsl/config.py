@@ -175,7 +175,8 @@ class _Document:
         if not looks_like_path(source):
             return cls({"spec": source})
         try:
-            with open(source, encoding="utf-8") as f:
+            # utf-8-sig: an editor's byte-order mark is not part of the first key.
+            with open(source, encoding="utf-8-sig") as f:
                 text = f.read()
         except FileNotFoundError:
             raise SpecError(f"no such spec file: {source}") from None
@@ -689,9 +690,11 @@ def _let_lines(joined: _Joined, base: int, text: str, definitions: list[_Let]) -
             body_start = offset
         offset += len(line) + 1
     if body_start is None:
-        raise joined.error(SpecSyntaxError, "the spec is missing after the let lines",
+        raise joined.error(SpecSyntaxError, "the spec is empty" if not definitions else
+                           "the spec is missing after the let lines",
                            (base + len(text), base + len(text) + 1),
-                           hint="end with the spec, e.g. 'where causal'")
+                           hint="end with the spec, e.g. 'where causal'" if definitions else
+                           "write the attention variant, e.g. 'where q >= kv'")
     return body_start
 
 
@@ -873,6 +876,11 @@ TENSOR_KINDS: dict[str, _Kind] = {
 }
 _SIZE_OPTIONS = ("count", "length", "first", "offset", "buckets", "max_distance", "dim")
 _NUMBER_OPTIONS = ("mean", "std", "p", "start", "stop")
+_NUMBER_RANGES = {"std": (0.0, math.inf), "p": (0.0, 1.0)}
+# The least value of a size option where its kind needs one (a document, a bucket).
+_SIZE_MINIMA = {"count": 1, "buckets": 1, "max_distance": 1, "dim": 1, "length": 0}
+# Example tensors past this many elements are refused rather than run out of memory.
+_MAX_ELEMENTS = 1 << 30
 
 
 def _read_recipes(document: _Document, checked: CheckedSpec, params: Mapping,
@@ -922,6 +930,12 @@ def _read_recipe(document, tensor, params: Mapping, table: Mapping, keys: Keys) 
         elif option in _NUMBER_OPTIONS:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise document.error(SpecError, f"'{option}' must be a number", here)
+            low, high = _NUMBER_RANGES.get(option, (-math.inf, math.inf))
+            if not (math.isfinite(value) and low <= value <= high):
+                raise document.error(SpecError, f"'{option}' is {value}", here,
+                                     hint=f"'{option}' must be finite" + (
+                                         f" and within [{low}, {high}]" if option == "p" else
+                                         f" and at least {low}" if math.isfinite(low) else ""))
             options[option] = value
         elif not isinstance(value, type(kind.options[option])):
             raise document.error(SpecError, f"'{option}' must be "
@@ -1036,12 +1050,24 @@ def example_tensors(spec_file: SpecFile, *, batch: int = 1, heads: int = 1,
                             origin=recipe.origin, hint="pass " + ", ".join(
                                 f"{n}=..." for n in missing))
         kind = TENSOR_KINDS[recipe.kind]
-        options = {k: ([_evaluate_size(s, values) for s in v] if k == "shape"
-                       else _evaluate_size(v, values)) for k, v in recipe.options.items()}
+        try:
+            options = {k: ([_evaluate_size(s, values) for s in v] if k == "shape"
+                           else _evaluate_size(v, values)) for k, v in recipe.options.items()}
+        except ZeroDivisionError:
+            raise SpecError(f"tensor '{name}': a size divides by zero", origin=recipe.origin,
+                            hint="check the recipe's sizes and the parameters") from None
         sizes = options.get("shape", [options.get("length", 0)])
         if any(s < 0 for s in sizes):
             raise SpecError(f"tensor '{name}' would have a negative size {sizes}",
                             origin=recipe.origin)
+        if math.prod(sizes) > _MAX_ELEMENTS:
+            raise SpecError(f"tensor '{name}' would have {math.prod(sizes):,} elements "
+                            f"(shape {sizes})", origin=recipe.origin,
+                            hint=f"example tensors hold at most {_MAX_ELEMENTS:,}")
+        for option, least in _SIZE_MINIMA.items():
+            if option in options and options[option] < least:
+                raise SpecError(f"tensor '{name}': '{option}' is {options[option]}",
+                                origin=recipe.origin, hint=f"'{option}' must be at least {least}")
         generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         tensor = kind.build(options, generator)
         if kind.dtype == FLOAT:

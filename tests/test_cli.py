@@ -137,3 +137,21 @@ def test_the_installed_command(tmp_path):
 
     usage = flexdsl("check")
     assert usage.returncode == 2 and "usage: flexdsl" in usage.stderr
+
+
+def test_sizes_past_what_can_be_shown_are_refused_before_any_work(capsys):
+    code, _, err = run(capsys, "show", "where q >= kv", "--q-len", "100000000", "--tile", "1",
+                       "--quiet")
+    assert code == 1 and "too many to show" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):   # argparse: exit 2 with a message
+        cli.main(["show", "where q >= kv", "--q-len", str(10 ** 22)])
+    assert "too large" in capsys.readouterr().err
+
+
+def test_a_reader_that_goes_away_is_not_a_traceback():
+    # `flexdsl show ... | head -1`: the pipe closes while the plan is printed.
+    shown = subprocess.run(
+        f"{sys.executable} -c 'import sys; from flexdsl.cli import main; sys.exit(main())' "
+        "show 'where 0 <= q - kv < 8' --q-len 4096 --tile 8 --quiet | head -1", shell=True,
+        capture_output=True, text=True, cwd=ROOT)
+    assert shown.stdout.startswith("spec:") and "Traceback" not in shown.stderr

@@ -390,3 +390,30 @@ def test_sizes_read_parameters_and_lengths():
 
 def test_every_kind_is_documented():
     assert all(kind.doc for kind in TENSOR_KINDS.values())
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ('kind = "documents"\ncount = 0', "'count' is 0"),
+    ('kind = "documents"\ncount = -3', "'count' is -3"),
+    ('kind = "normal"\nshape = ["heads", "q_len + kv_len"]\nstd = -1.0', "'std' is -1.0"),
+    ('kind = "normal"\nshape = ["heads", "q_len + kv_len"]\nstd = nan', "'std' is nan"),
+    ('kind = "normal"\nshape = ["heads", "q_len // 0"]', "divides by zero"),
+    ('kind = "normal"\nshape = ["heads", 100000000000]', "200,000,000,000 elements"),
+])
+def test_tensor_recipes_that_cannot_make_a_tensor_are_spec_errors(tmp_path, recipe, message):
+    uses = "doc[q] == doc[kv]" if "documents" in recipe else "bias[h, q - kv + kv_len] > 0.5"
+    name = "doc" if "documents" in recipe else "bias"
+    path = tmp_path / "spec.toml"
+    path.write_text(f'spec = "where {uses}"\n[tensors.{name}]\n{recipe}\n')
+    with pytest.raises(flexdsl.SpecError, match=message):
+        spec_file = read(str(path))
+        example_tensors(spec_file, heads=2, q_len=8, kv_len=8)
+
+
+def test_a_byte_order_mark_and_an_empty_spec(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes("\ufeffspec = \"where q >= kv\"\n".encode("utf-8"))
+    assert read(str(path)).spec == "where q >= kv"
+    path.write_text('spec = ""\n')
+    with pytest.raises(flexdsl.SpecError, match="the spec is empty"):
+        read(str(path))
