@@ -70,9 +70,10 @@ def _derivatives_of_text(text: str):
 
 @dataclass(frozen=True)
 class KernelOptions:
-    """How to run: ``backend`` is "auto" (Triton kernels on CUDA tensors, the chunked PyTorch
-    path elsewhere), "triton" (kernels always; on a CPU that needs TRITON_INTERPRET=1) or
-    "torch" (the chunked path always). Tile configurations override the defaults per pass."""
+    """How to run: ``backend`` is "auto" (Triton kernels on CUDA tensors but float64, the
+    chunked PyTorch path elsewhere), "triton" (kernels always, float64 computed in float32; on a
+    CPU that needs TRITON_INTERPRET=1) or "torch" (the chunked path always). Tile
+    configurations override the defaults per pass."""
     backend: str = "auto"
     forward: Any = None    # flexdsl.kernel.launch.Config
     dq: Any = None
@@ -175,7 +176,9 @@ class Attention:
 
     def _uses_kernels(self, q) -> bool:
         if self.options.backend == "auto":
-            return q.is_cuda
+            # float64 stays on the PyTorch path, which computes in it: the kernels compute
+            # in float32 (their matrix products take 16- and 32-bit floats).
+            return q.is_cuda and q.dtype.itemsize < 8
         return self.options.backend == "triton"
 
     def _kernel_key(self, dtype) -> str:

@@ -330,8 +330,16 @@ class _Checker:
         return frozenset([name])
 
     def judge_free_name(self, node, name: str) -> None:
-        """Single lowercase letters are reserved for positions; near misses are typos."""
+        """Single lowercase letters are reserved for positions; near misses are typos; a
+        function's name or Python's True and False are not parameters either."""
         self.judge_call_argument(name, node.span)
+        if name in FUNCTIONS:
+            raise SpecTypeError(f"'{name}' is a function, not a value", span=node.span,
+                                hint=f"call it: {name}(...) ({FUNCTIONS[name].doc})")
+        if name in ("True", "False", "true", "false", "None"):
+            raise SpecTypeError(f"'{name}' is not a value of the language", span=node.span,
+                                hint="conditions are true or false already: write "
+                                     "'q >= kv', not 'q >= kv == True'; 'not c' negates")
         if len(name) == 1 and name.islower() and name not in ir.POSITIONS:
             near = {"k": "kv", "v": "kv", "i": "q", "j": "kv", "n": "kv", "m": "q",
                     "s": "score", "x": "h"}.get(name)

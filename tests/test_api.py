@@ -319,3 +319,18 @@ def test_every_error_is_a_spec_error():
 def test_compile_caches_the_checked_spec():
     assert flexdsl.compile("where q >= kv").spec is flexdsl.compile("where q >= kv").spec
     assert flexdsl.check("where q >= kv") is flexdsl.check("where q >= kv")
+
+
+def test_auto_keeps_float64_on_the_path_that_computes_in_it():
+    import types
+    attn = flexdsl.compile("where q >= kv")
+    cuda = {dtype: types.SimpleNamespace(is_cuda=True, dtype=dtype)
+            for dtype in (torch.float64, torch.float32, torch.bfloat16)}
+    assert not attn._uses_kernels(cuda[torch.float64])
+    assert attn._uses_kernels(cuda[torch.float32]) and attn._uses_kernels(cuda[torch.bfloat16])
+    assert not attn._uses_kernels(types.SimpleNamespace(is_cuda=False, dtype=torch.float32))
+
+
+def test_a_function_name_or_true_is_not_a_parameter():
+    raises_at(lambda: flexdsl.check("score + tanh"), "'tanh' is a function", 8, 4)
+    raises_at(lambda: flexdsl.check("where q >= kv == True"), "'True' is not a value", 17, 4)

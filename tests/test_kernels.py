@@ -598,6 +598,12 @@ def test_powers_and_literals_as_torch_computes_them(spec, params):
     _check(Case("powers", spec, params), 21, 19, torch.float32)
 
 
+def test_a_mask_comparing_a_float_per_head():
+    gate = Case("gate", "where gate[h] > 0.3 and q >= kv", tensors={
+        "gate": lambda batch, heads, q_len, kv_len, gen, device: torch.rand(heads, generator=gen)})
+    _check(gate, 23, 23, torch.float32, learn_tensors=False)
+
+
 def test_integer_powers_past_32_bits_are_refused_on_the_kernels():
     attn = flexdsl.compile("score + (kv - q) ** 9 * 1e-12", options=TRITON)
     q = torch.randn(1, 1, 20, 16)

@@ -231,6 +231,10 @@ class Lowering:
         dtype = FLOAT if FLOAT in kinds else INT
         values = [self._as(o, dtype) for o in node.operands]
         parts = [f"({a} {_COMPARE[op]} {b})" for op, a, b in zip(node.ops, values, values[1:])]
+        if dtype == FLOAT and _uniform(node):
+            # One value a program (gate[h] > 0.3): triton's interpreter keeps such a float
+            # comparison as floats, which '&' then refuses; '!= 0' makes it a condition.
+            parts = [f"({p} != 0)" for p in parts]
         return parts[0] if len(parts) == 1 else "(" + " & ".join(parts) + ")"
 
     def _Call(self, node: ir.Call) -> str:
