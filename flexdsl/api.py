@@ -1,6 +1,7 @@
 """The public entry points: parse, check, compile and load -> Attention."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import types
@@ -297,13 +298,19 @@ class Attention:
         if stamp is not None and last is not None and last[0] == stamp and all(
                 ref() is t for ref, t in zip(last[1], used)):
             return
+        mask = self.spec.spec.mask
+        if mask is not None and ir.SCORE in ir.names(mask):
+            mask = None   # no scores here: every position counts
         for node in self._unbounded:
             rows = 1024 if "q" in ir.names(node) else q_len   # (rows, kv_len) grids a step
             for start in range(0, q_len, rows):
                 positions = eager.positions(batch, heads, q_len, kv_len, q.device, start,
                                             min(start + rows, q_len))
-                eager.evaluate(node, eager.Grid(positions, params, tensors, torch.float32,
-                                                None, self.spec.text))
+                grid = eager.Grid(positions, params, tensors, torch.float32, None,
+                                  self.spec.text)
+                if mask is not None:   # as the PyTorch path evaluates it (Grid.keep)
+                    grid = dataclasses.replace(grid, keep=eager.evaluate(mask, grid))
+                eager.evaluate(node, grid)
         if stamp is not None:
             self._lookups_checked = (stamp, tuple(weakref.ref(t) for t in used))
 

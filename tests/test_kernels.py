@@ -630,6 +630,12 @@ def test_lookups_no_formula_bounds_are_checked_like_the_torch_path(monkeypatch):
     with pytest.raises(flexdsl.SpecCallError, match="reaches 19"):
         flexdsl.compile("score + bias[q // X]", options=TRITON)(q, k, v, bias=torch.randn(5),
                                                                  X=1)
+    # Positions the mask drops do not count: log2 of q - kv + 1 <= 0 is never an index here.
+    buckets = flexdsl.compile("score + bias[floor(log2(q - kv + 1))] where q >= kv",
+                              options=TRITON)
+    bias = torch.randn(5)
+    torch.testing.assert_close(buckets(q, k, v, bias=bias),
+                               buckets.reference(q, k, v, bias=bias)[0].float())
 
 
 def test_lse_gradient():
