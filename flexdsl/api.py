@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
 from . import ir
-from .analysis import IndexRange, ValueRange, index_ranges, unbounded_lookups, value_ranges
+from .analysis import IndexRange, ValueRange, index_ranges, checked_by_evaluation, value_ranges
 from .bind import KERNEL_INTEGERS, TORCH_INTEGERS, Bound, bind, check_names, check_parameter
 from .check import CheckedSpec
 from .check import check as _check
@@ -101,8 +101,8 @@ class Attention:
         self.defaults = types.MappingProxyType(dict(defaults))
         self.options = options or KernelOptions()
         self.index_ranges, self.value_ranges = _ranges(spec)
-        self._unbounded = unbounded_lookups(spec, self.index_ranges)
-        self._lookups_checked = None   # what _check_lookups last passed
+        self._evaluated = checked_by_evaluation(spec, self.index_ranges)
+        self._evaluation_passed = None   # the call _check_by_evaluation last passed
         self._kernel_keys: dict = {}
         self._ranges_passed: set = set()
         self._kernel_calls: dict = {}
@@ -114,7 +114,7 @@ class Attention:
         pickle cannot name: a copy derives them again from the spec (so too the value
         ranges)."""
         state = dict(self.__dict__, defaults=dict(self.defaults), _kernel_calls={},
-                     _kernel_keys={}, _lookups_checked=None)
+                     _kernel_keys={}, _evaluation_passed=None)
         del state["index_ranges"], state["value_ranges"]
         return state
 
@@ -224,8 +224,8 @@ class Attention:
         key = _call_key(q, k, v, scale, params_and_tensors)
         known = self._kernel_calls.get(key) if key is not None else None
         if known is not None:
-            if self._unbounded:
-                self._check_lookups(q, k, known.params, known.tensors(params_and_tensors))
+            if self._evaluated:
+                self._check_by_evaluation(q, k, known.params, known.tensors(params_and_tensors))
             out, lse = known.run(q, k, v, params_and_tensors)
         else:
             out, lse = self._call(q, k, v, scale, params_and_tensors, key)
@@ -264,8 +264,8 @@ class Attention:
         params = [float(bound.params[n]) for n in self.spec.signature.params]
         if torch.compiler.is_compiling():
             return ops.attention(q, k, v, tensors, params, kernels, bound.scale)
-        if self._unbounded:
-            self._check_lookups(q, k, bound.params, bound.tensors)
+        if self._evaluated:
+            self._check_by_evaluation(q, k, bound.params, bound.tensors)
         entry = ops.registry[kernels]
         prepared = entry.prepared(q, k, v, bound.scale, params)
         result = ops.run(q, k, v, tensors, entry, prepared)
@@ -276,10 +276,11 @@ class Attention:
             self._kernel_calls[key] = _KernelCall(entry, prepared, sources, bound.params)
         return result
 
-    def _check_lookups(self, q, k, params: Mapping, tensors: Mapping) -> None:
-        """Evaluate the lookups whose indices no formula bounds (``table[doc[q]]``), raising
-        as the PyTorch path does where an index leaves its tensor: the kernels would clamp it.
-        Once per lengths, parameters and tensor contents (identity and version)."""
+    def _check_by_evaluation(self, q, k, params: Mapping, tensors: Mapping) -> None:
+        """Evaluate what no formula decides (``analysis.checked_by_evaluation``: lookups the
+        kernels would clamp, integer divisors of positions), raising as the PyTorch path does
+        where an index leaves its tensor or a divisor is 0. Once per lengths, parameters and
+        tensor contents (identity and version)."""
         import weakref
 
         import torch
@@ -294,14 +295,14 @@ class Attention:
                      tuple(t._version for t in used))
         except RuntimeError:   # an inference tensor has no version: check every call
             stamp = None
-        last = self._lookups_checked
+        last = self._evaluation_passed
         if stamp is not None and last is not None and last[0] == stamp and all(
                 ref() is t for ref, t in zip(last[1], used)):
             return
         mask = self.spec.spec.mask
         if mask is not None and ir.SCORE in ir.names(mask):
             mask = None   # no scores here: every position counts
-        for node in self._unbounded:
+        for node in self._evaluated:
             rows = 1024 if "q" in ir.names(node) else q_len   # (rows, kv_len) grids a step
             for start in range(0, q_len, rows):
                 positions = eager.positions(batch, heads, q_len, kv_len, q.device, start,
@@ -312,7 +313,7 @@ class Attention:
                     grid = dataclasses.replace(grid, keep=eager.evaluate(mask, grid))
                 eager.evaluate(node, grid)
         if stamp is not None:
-            self._lookups_checked = (stamp, tuple(weakref.ref(t) for t in used))
+            self._evaluation_passed = (stamp, tuple(weakref.ref(t) for t in used))
 
     def reference(self, q, k, v, *, scale=None, dtype="float64", **params_and_tensors):
         """The dense oracle on the same inputs: (out, lse), in float64 unless told otherwise."""

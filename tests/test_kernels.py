@@ -598,6 +598,15 @@ def test_powers_and_literals_as_torch_computes_them(spec, params):
     _check(Case("powers", spec, params), 21, 19, torch.float32)
 
 
+def test_a_divisor_of_positions_that_reaches_zero_is_refused_like_the_torch_path():
+    q = torch.randn(1, 2, 20, 16)
+    for options in (TRITON, None):
+        with pytest.raises(flexdsl.SpecCallError, match="division by zero in 'q // \\(kv - 3\\)'"):
+            flexdsl.compile("where q // (kv - 3) >= 1", options=options)(q, q, q)
+    odd = flexdsl.compile("where q % (2 * kv + 1) == 0", options=TRITON)
+    torch.testing.assert_close(odd(q, q, q), odd.reference(q, q, q)[0].float())
+
+
 def test_a_mask_comparing_a_float_per_head():
     gate = Case("gate", "where gate[h] > 0.3 and q >= kv", tensors={
         "gate": lambda batch, heads, q_len, kv_len, gen, device: torch.rand(heads, generator=gen)})

@@ -103,16 +103,23 @@ def value_ranges(spec: CheckedSpec) -> list[ValueRange]:
     return out
 
 
-def unbounded_lookups(spec: CheckedSpec, ranges) -> tuple[ir.Lookup, ...]:
-    """The lookups with an index whose range no formula gives (``table[doc[q]]`` reads data;
-    ``bias[q // X]`` divides by a parameter of unknown sign): a call checks them by evaluating
-    them, as the PyTorch path does."""
+def checked_by_evaluation(spec: CheckedSpec, ranges) -> tuple[ir.Expr, ...]:
+    """What a call on the kernels evaluates before launching, because no formula decides it
+    and the kernels would go on silently: lookups with an index whose range no formula gives
+    (``table[doc[q]]`` reads data; ``bias[q // X]`` divides by a parameter of unknown sign),
+    which the kernels clamp; and integer divisions by an expression of positions
+    (``q // (kv - 3)``), which give garbage where it is 0. The PyTorch path raises on both."""
     unknown = {(r.tensor, r.dim, r.index) for r in ranges if r.low is None}
     roots = [e for e in (spec.spec.score, spec.spec.mask) if e is not None]
     out = []
     for node in (n for root in roots for n in ir.walk(root)):
-        if isinstance(node, ir.Lookup) and node not in out and any(
+        if node in out:
+            continue
+        if isinstance(node, ir.Lookup) and any(
                 (node.tensor, dim, index) in unknown for dim, index in enumerate(node.indices)):
+            out.append(node)
+        elif isinstance(node, ir.Binary) and node.op in ("//", "%") and (
+                ir.names(node.right) & set(ir.POSITIONS) or _has_lookup(node.right)):
             out.append(node)
     return tuple(out)
 
