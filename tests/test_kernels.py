@@ -607,6 +607,43 @@ def test_a_divisor_of_positions_that_reaches_zero_is_refused_like_the_torch_path
     torch.testing.assert_close(odd(q, q, q), odd.reference(q, q, q)[0].float())
 
 
+def test_log_buckets_are_exact_where_log2_is_not():
+    # floor(log2(8.0)) came out 2 on the H200 (its log2 is approximate): the kernels correct
+    # an estimate off by a little either way to the exact floor and ceiling.
+    import triton
+    import triton.language as tl
+    attn = flexdsl.compile("score + bias[floor(log2(q - kv + 1))] where q >= kv",
+                           options=TRITON)
+    module = kernel_compile.compiled(attn.spec, attn.analysis, attn.derivatives,
+                                     fast_tanh=False).module
+    # The kernel below finds the helpers among this module's globals (triton's interpreter
+    # does not see a closure's).
+    global _floor_log2_under_test, _ceil_log2_under_test
+    _floor_log2_under_test, _ceil_log2_under_test = (module._exact_floor_log2,
+                                                     module._exact_ceil_log2)
+
+    @triton.jit
+    def buckets(X, E, F, C, N: tl.constexpr):
+        i = tl.arange(0, N)
+        x, estimate = tl.load(X + i), tl.load(E + i)
+        tl.store(F + i, _floor_log2_under_test(x, estimate))
+        tl.store(C + i, _ceil_log2_under_test(x, estimate))
+
+    x = torch.tensor([1, 2, 3, 4, 7, 8, 9, 1023, 1024, 1025, 0.5, 0.75, 2.0 ** 20, 3.0 * 2 ** 40,
+                      2.0 ** -20, 5.0, 6.0, 2.0 ** 100], dtype=torch.float64)
+    x = torch.cat([x, x.new_ones(32 - len(x))])
+    for shift in (-1e-6, 0.0, 1e-6):
+        estimate = (torch.log2(x) + shift).float()
+        got_floor, got_ceil = torch.empty(32), torch.empty(32)
+        buckets[(1,)](x.float(), estimate, got_floor, got_ceil, N=32)
+        assert torch.equal(got_floor.double(), torch.floor(torch.log2(x))), shift
+        assert torch.equal(got_ceil.double(), torch.ceil(torch.log2(x))), shift
+    bias = torch.randn(8)
+    q = torch.randn(1, 1, 40, 8)
+    torch.testing.assert_close(attn(q, q, q, bias=bias),
+                               attn.reference(q, q, q, bias=bias)[0].float())
+
+
 def test_a_mask_comparing_a_float_per_head():
     gate = Case("gate", "where gate[h] > 0.3 and q >= kv", tensors={
         "gate": lambda batch, heads, q_len, kv_len, gen, device: torch.rand(heads, generator=gen)})

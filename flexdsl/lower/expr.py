@@ -260,7 +260,11 @@ class Lowering:
         f = node.func
         if self.type_of(node.args[0]) != FLOAT:
             return self.expr(node.args[0])
-        return f"tl.{f}({self.expr(node.args[0])}).to(tl.int32)"
+        argument = node.args[0]
+        if isinstance(argument, ir.Call) and argument.func == "log2":
+            # Log buckets: exact, where the GPU's log2 is not (_exact_floor_log2).
+            return f"_{f}_log2({self.floating(argument.args[0])}).to(tl.int32)"
+        return f"tl.{f}({self.expr(argument)}).to(tl.int32)"
 
     @contextlib.contextmanager
     def _exactly(self):
