@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
 from . import ir
-from .analysis import IndexRange, ValueRange, index_ranges, checked_by_evaluation, value_ranges
+from .analysis import (IndexRange, ValueRange, checked_by_evaluation, index_ranges,
+                       value_ranges)
 from .bind import KERNEL_INTEGERS, TORCH_INTEGERS, Bound, bind, check_names, check_parameter
 from .check import CheckedSpec
 from .check import check as _check
