@@ -179,7 +179,7 @@ class Lowering:
         op = node.op
         folded = constant_value(node)
         if folded is not None and math.isfinite(folded):
-            # Literals alone (`7 % -3`, `2 ** 10`): Python's value, as the reference has it.
+            # Literals alone (`7 % -3`, `-7 // -2`): Python's value, as the reference has it.
             return repr(folded) if self.type_of(node) == INT or isinstance(folded, float) \
                 else repr(float(folded))
         if op in ("and", "or"):
