@@ -1,7 +1,6 @@
 """The public entry points: parse, check, compile and load -> Attention."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import sys
 import types
@@ -11,7 +10,8 @@ from typing import Any, Mapping, Union
 from . import ir
 from .analysis import (IndexRange, ValueRange, checked_by_evaluation, index_ranges,
                        value_ranges)
-from .bind import KERNEL_INTEGERS, TORCH_INTEGERS, Bound, bind, check_names, check_parameter
+from .bind import (KERNEL_INTEGERS, TORCH_INTEGERS, Bound, EvaluatedChecks, bind, check_names,
+                   check_parameter)
 from .check import CheckedSpec
 from .check import check as _check
 from .errors import SpecCallError, SpecError
@@ -102,8 +102,8 @@ class Attention:
         self.defaults = types.MappingProxyType(dict(defaults))
         self.options = options or KernelOptions()
         self.index_ranges, self.value_ranges = _ranges(spec)
-        self._evaluated = checked_by_evaluation(spec, self.index_ranges)
-        self._evaluation_passed = None   # the call _check_by_evaluation last passed
+        checks = checked_by_evaluation(spec, self.index_ranges)
+        self._evaluated = EvaluatedChecks(spec, checks) if checks else None
         self._kernel_keys: dict = {}
         self._ranges_passed: set = set()
         self._kernel_calls: dict = {}
@@ -112,17 +112,20 @@ class Attention:
         """Copies (deepcopy, pickle) leave the prepared launches behind: they hold compiled
         kernels, and a copy prepares its own; so do the keys into the kernels' registry,
         which a new process starts empty. The index ranges hold generated functions, which
-        pickle cannot name: a copy derives them again from the spec (so too the value
-        ranges)."""
+        pickle cannot name: a copy derives them again from the spec (so too the value ranges
+        and the checks by evaluation)."""
         state = dict(self.__dict__, defaults=dict(self.defaults), _kernel_calls={},
-                     _kernel_keys={}, _evaluation_passed=None)
-        del state["index_ranges"], state["value_ranges"]
+                     _kernel_keys={})
+        del state["index_ranges"], state["value_ranges"], state["_evaluated"]
         return state
 
     def __setstate__(self, state):
         index, value = _ranges(state["spec"])
+        checks = checked_by_evaluation(state["spec"], index)
         self.__dict__.update(state, defaults=types.MappingProxyType(state["defaults"]),
-                             index_ranges=index, value_ranges=value)
+                             index_ranges=index, value_ranges=value,
+                             _evaluated=EvaluatedChecks(state["spec"], checks) if checks
+                             else None)
 
     @property
     def analysis(self):
@@ -225,8 +228,8 @@ class Attention:
         key = _call_key(q, k, v, scale, params_and_tensors)
         known = self._kernel_calls.get(key) if key is not None else None
         if known is not None:
-            if self._evaluated:
-                self._check_by_evaluation(q, k, known.params, known.tensors(params_and_tensors))
+            if self._evaluated is not None:
+                self._evaluated(q, k, known.params, known.tensors(params_and_tensors))
             out, lse = known.run(q, k, v, params_and_tensors)
         else:
             out, lse = self._call(q, k, v, scale, params_and_tensors, key)
@@ -265,8 +268,8 @@ class Attention:
         params = [float(bound.params[n]) for n in self.spec.signature.params]
         if torch.compiler.is_compiling():
             return ops.attention(q, k, v, tensors, params, kernels, bound.scale)
-        if self._evaluated:
-            self._check_by_evaluation(q, k, bound.params, bound.tensors)
+        if self._evaluated is not None:
+            self._evaluated(q, k, bound.params, bound.tensors)
         entry = ops.registry[kernels]
         prepared = entry.prepared(q, k, v, bound.scale, params)
         result = ops.run(q, k, v, tensors, entry, prepared)
@@ -276,45 +279,6 @@ class Attention:
             sources = tuple((n, self.defaults.get(n)) for n in self.spec.signature.tensors)
             self._kernel_calls[key] = _KernelCall(entry, prepared, sources, bound.params)
         return result
-
-    def _check_by_evaluation(self, q, k, params: Mapping, tensors: Mapping) -> None:
-        """Evaluate what no formula decides (``analysis.checked_by_evaluation``: lookups the
-        kernels would clamp, integer divisors of positions), raising as the PyTorch path does
-        where an index leaves its tensor or a divisor is 0. Once per lengths, parameters and
-        tensor contents (identity and version)."""
-        import weakref
-
-        import torch
-
-        from . import eager
-        batch, heads, q_len, kv_len = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
-        if not (batch and heads and q_len and kv_len):
-            return
-        used = [tensors[n] for n in sorted(tensors)]
-        try:
-            stamp = (batch, heads, q_len, kv_len, tuple(sorted(params.items())),
-                     tuple(t._version for t in used))
-        except RuntimeError:   # an inference tensor has no version: check every call
-            stamp = None
-        last = self._evaluation_passed
-        if stamp is not None and last is not None and last[0] == stamp and all(
-                ref() is t for ref, t in zip(last[1], used)):
-            return
-        mask = self.spec.spec.mask
-        if mask is not None and ir.SCORE in ir.names(mask):
-            mask = None   # no scores here: every position counts
-        for node in self._evaluated:
-            rows = 1024 if "q" in ir.names(node) else q_len   # (rows, kv_len) grids a step
-            for start in range(0, q_len, rows):
-                positions = eager.positions(batch, heads, q_len, kv_len, q.device, start,
-                                            min(start + rows, q_len))
-                grid = eager.Grid(positions, params, tensors, torch.float32, None,
-                                  self.spec.text)
-                if mask is not None:   # as the PyTorch path evaluates it (Grid.keep)
-                    grid = dataclasses.replace(grid, keep=eager.evaluate(mask, grid))
-                eager.evaluate(node, grid)
-        if stamp is not None:
-            self._evaluation_passed = (stamp, tuple(weakref.ref(t) for t in used))
 
     def reference(self, q, k, v, *, scale=None, dtype="float64", **params_and_tensors):
         """The dense oracle on the same inputs: (out, lse), in float64 unless told otherwise."""

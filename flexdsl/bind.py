@@ -10,11 +10,12 @@ import difflib
 import math
 import numbers
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from . import ir
-from .analysis import IndexRange, ValueRange
+from .analysis import EvaluatedCheck, IndexRange, ValueRange
 from .check import FLOAT, INT, CheckedSpec
 from .errors import SpecCallError
 
@@ -296,3 +297,92 @@ def _check_values(bound: Bound, values: dict, value_ranges, limit: int) -> None:
             spec=bound.spec.text, span=r.node.span,
             hint="use smaller parameters" + (", or KernelOptions(backend='torch')"
                                               if limit < TORCH_INTEGERS else ""))
+
+
+class EvaluatedChecks:
+    """Runs ``analysis.checked_by_evaluation``'s checks before a call on the kernels, which
+    would clamp such an index or divide by 0 silently, raising as the PyTorch path does: the
+    score's checks where the mask keeps a position, the mask's everywhere. Once per lengths,
+    parameters, tensor shapes and contents of the tensors the checks read (identity and
+    version: a write through ``.data`` or numpy, which keeps the version, goes unseen, as it
+    does for the document runs; under ``torch.compile`` the checks do not run)."""
+
+    def __init__(self, spec: CheckedSpec, checks: tuple[EvaluatedCheck, ...]):
+        self.spec, self.checks = spec, checks
+        mask = spec.spec.mask
+        read = {n.tensor for c in checks for n in ir.walk(c.node) if isinstance(n, ir.Lookup)}
+        if mask is not None and any(not c.in_mask for c in checks):
+            read |= {n.tensor for n in ir.walk(mask) if isinstance(n, ir.Lookup)}
+        self.read = tuple(sorted(read))
+        self._passed = None   # (stamp, weak references to the tensors read)
+
+    def __call__(self, q, k, params: Mapping, tensors: Mapping) -> None:
+        batch, heads, q_len, kv_len = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        if not (batch and heads and q_len and kv_len):
+            return
+        used = [tensors[n] for n in self.read]
+        try:
+            stamp = (batch, heads, q_len, kv_len, tuple(sorted(params.items())),
+                     tuple(t.shape for t in tensors.values()), tuple(t._version for t in used))
+        except RuntimeError:   # an inference tensor has no version: check every call
+            stamp = None
+        last = self._passed
+        if stamp is not None and last is not None and last[0] == stamp and all(
+                ref() is t for ref, t in zip(last[1], used)):
+            return
+        values = {"q_len": q_len, "kv_len": kv_len, "n_batch": batch, "n_heads": heads,
+                  **params}
+        for check in self.checks:
+            if check.slice_range is not None:
+                self._check_slice(check, values, tensors)
+            else:
+                self._check_on_grid(check, q, k, params, tensors)
+        if stamp is not None:
+            self._passed = (stamp, tuple(weakref.ref(t) for t in used))
+
+    def _check_slice(self, check: EvaluatedCheck, values: dict, tensors: Mapping) -> None:
+        """``table[t[e]]``: the values of t over e's range bound the index, in O(len(t))."""
+        low, high = check.slice_range.bounds(values)
+        inner = tensors[check.node.tensor]
+        part = inner[max(low, 0):min(high, inner.shape[0] - 1) + 1]
+        if part.numel():
+            self._judge(check, int(part.min()), int(part.max()), tensors)
+
+    def _check_on_grid(self, check: EvaluatedCheck, q, k, params, tensors) -> None:
+        import torch
+
+        from . import eager
+        batch, heads, q_len, kv_len = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        mask = None if check.in_mask else self.spec.spec.mask
+        for start in range(0, q_len, 1024):   # (1024, kv_len) grids a step
+            positions = eager.positions(batch, heads, q_len, kv_len, q.device, start,
+                                        min(start + 1024, q_len))
+            grid = eager.Grid(positions, params, tensors, torch.float32, None, self.spec.text)
+            keep = eager.evaluate(mask, grid) if mask is not None else None
+            if keep is not None:
+                grid = eager.Grid(positions, params, tensors, torch.float32, None,
+                                  self.spec.text, keep)
+            value = eager.evaluate(check.node, grid)
+            if keep is not None:
+                shape = torch.broadcast_shapes(value.shape, keep.shape)
+                value = value.expand(shape)[keep.expand(shape)]
+            if not value.numel():
+                continue
+            if check.kind == "divisor":
+                if bool((value == 0).any()):
+                    raise SpecCallError(
+                        f"division by zero in '{ir.unparse(check.context)}'",
+                        spec=self.spec.text, span=check.node.span,
+                        hint="check the parameters passed for this spec")
+            else:
+                self._judge(check, int(value.min()), int(value.max()), tensors)
+
+    def _judge(self, check: EvaluatedCheck, low: int, high: int, tensors: Mapping) -> None:
+        lookup = check.context
+        size = tensors[lookup.tensor].shape[check.dim]
+        if low < 0 or high >= size:
+            raise SpecCallError(
+                f"index out of range: {ir.unparse(lookup)} reaches {low if low < 0 else high} "
+                f"in dimension {check.dim}, whose size is {size}", spec=self.spec.text,
+                span=check.node.span,
+                hint=f"pass a larger '{lookup.tensor}', or keep the index in range")

@@ -86,7 +86,11 @@ class _Evaluator:
     def visit_Lookup(self, node):
         table = self.grid.tensors[node.tensor]
         indices = [self.visit(i) for i in node.indices]
+        keep = self.grid.keep
         for dim, (index, expression) in enumerate(zip(indices, node.indices)):
+            if keep is not None:   # only where the mask keeps a position must it be in range
+                shape = torch.broadcast_shapes(index.shape, keep.shape)
+                index = index.expand(shape)[keep.expand(shape)]
             if index.numel() == 0:
                 continue
             low, high = int(index.min()), int(index.max())
@@ -96,6 +100,8 @@ class _Evaluator:
                     f" reaches {low if low < 0 else high} in dimension {dim}, whose size is "
                     f"{table.shape[dim]}", spec=self.grid.spec_text, span=expression.span,
                     hint=f"pass a larger '{node.tensor}', or keep the index in range")
+        if keep is not None and table.numel():   # dropped positions read any element
+            indices = [i.clamp(0, size - 1) for i, size in zip(indices, table.shape)]
         indices = torch.broadcast_tensors(*indices)
         value = table[tuple(indices)]
         return value if not value.is_floating_point() else value.to(self.grid.float_dtype)
@@ -120,6 +126,7 @@ class _Evaluator:
         if op == "/":
             return self.floating(left) / self.kept(self.floating(right))
         if op in ("//", "%"):
+            right = self.kept(right)   # a divisor of 0 where the mask drops the position is not
             if bool((right == 0).any()):
                 raise SpecCallError(f"division by zero in '{ir.unparse(node)}'",
                                     spec=self.grid.spec_text, span=node.right.span,

@@ -291,6 +291,14 @@ def test_empty_batches_and_nothing_kept_still_differentiate():
     assert flexdsl.compile("score")(*qkv(batch=0)).shape == (0, 4, 7, 8)
 
 
+def test_an_empty_result_stays_finite_beside_an_infinite_table():
+    # Tied into the graph by an empty slice's sum: t.sum() * 0 would be NaN here.
+    gate = torch.tensor([0.0, -math.inf, 0.0, 0.0], dtype=F64, requires_grad=True)
+    out = flexdsl.compile("score + gate[h] where kv < P")(*qkv(), gate=gate, P=0)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(torch.autograd.grad(out.sum(), gate)[0], torch.zeros_like(gate))
+
+
 def test_masked_positions_give_no_nan_gradients():
     # log(q - kv) is -inf on the diagonal the mask drops: its gradient there is 0, not 0 * inf.
     attn = flexdsl.compile("score - slope[h] * log(q - kv) + exp(kv - q) where q > kv")

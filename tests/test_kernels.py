@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import flexdsl
+from flexdsl.bind import EvaluatedChecks
 from flexdsl.kernel import compile as kernel_compile
 from flexdsl.kernel.launch import Config, tma_ready
 from flexdsl.lower import render
@@ -607,6 +608,22 @@ def test_a_divisor_of_positions_that_reaches_zero_is_refused_like_the_torch_path
     torch.testing.assert_close(odd(q, q, q), odd.reference(q, q, q)[0].float())
 
 
+def test_a_divisor_zero_only_where_the_mask_drops_runs_on_every_path():
+    spec = "score + (q // (q - kv)) * 0.1 + kv % (q - kv) * 0.01 where q > kv"
+    q = torch.randn(1, 2, 20, 16)
+    reference = flexdsl.compile(spec).reference(q, q, q)[0].float()
+    for options in (TRITON, None):
+        torch.testing.assert_close(flexdsl.compile(spec, options=options)(q, q, q), reference)
+
+
+def test_a_modulo_by_a_negative_parameter_is_a_range_like_any_other():
+    q = torch.randn(1, 1, 20, 16)
+    for options in (TRITON, None):
+        with pytest.raises(flexdsl.SpecCallError, match="goes down to -3"):
+            flexdsl.compile("score + bias[q % D]", options=options)(q, q, q, bias=torch.randn(8),
+                                                                    D=-4)
+
+
 def test_log_buckets_are_exact_where_log2_is_not():
     # floor(log2(8.0)) came out 2 on the H200 (its log2 is approximate): the kernels correct
     # an estimate off by a little either way to the exact floor and ceiling.
@@ -665,10 +682,13 @@ def test_lookups_no_formula_bounds_are_checked_like_the_torch_path(monkeypatch):
     tab, doc = torch.randn(4), torch.arange(20) % 4
     torch.testing.assert_close(attn(q, k, v, tab=tab, doc=doc),
                                attn.reference(q, k, v, tab=tab, doc=doc)[0].float())
+    # tab[doc[q]]: the values of doc over q's range bound the index, O(len(doc)).
     evaluations = []
     monkeypatch.setattr(eager, "evaluate", lambda *a: evaluations.append(a) or None)
+    monkeypatch.setattr(EvaluatedChecks, "_check_slice", lambda *a: evaluations.append(a))
     attn(q, k, v, tab=tab, doc=doc)
-    assert not evaluations, "the same tensors, unchanged: checked once"
+    attn(q, k, v, tab=torch.randn(4), doc=doc)   # a new table of the same size: not read
+    assert not evaluations, "the same index tensors, unchanged: checked once"
     monkeypatch.undo()
     doc[3] = 7   # in place: its version moves
     with pytest.raises(flexdsl.SpecCallError, match="tab\\[doc\\[q\\]\\] reaches 7"):
@@ -676,12 +696,15 @@ def test_lookups_no_formula_bounds_are_checked_like_the_torch_path(monkeypatch):
     with pytest.raises(flexdsl.SpecCallError, match="reaches 19"):
         flexdsl.compile("score + bias[q // X]", options=TRITON)(q, k, v, bias=torch.randn(5),
                                                                  X=1)
-    # Positions the mask drops do not count: log2 of q - kv + 1 <= 0 is never an index here.
-    buckets = flexdsl.compile("score + bias[floor(log2(q - kv + 1))] where q >= kv",
-                              options=TRITON)
-    bias = torch.randn(5)
-    torch.testing.assert_close(buckets(q, k, v, bias=bias),
-                               buckets.reference(q, k, v, bias=bias)[0].float())
+    # Positions the mask drops need no valid index, on both paths.
+    for spec in ("score + bias[floor(log2(q - kv + 1))] where q >= kv",
+                 "score + bias[floor(log2(q - kv + 1)) - 1] where q > kv"):
+        buckets = flexdsl.compile(spec, options=TRITON)
+        bias = torch.randn(5)
+        torch.testing.assert_close(buckets(q, k, v, bias=bias),
+                                   buckets.reference(q, k, v, bias=bias)[0].float())
+        torch.testing.assert_close(flexdsl.compile(spec)(q, k, v, bias=bias),
+                                   buckets.reference(q, k, v, bias=bias)[0].float())
 
 
 def test_lse_gradient():

@@ -103,25 +103,44 @@ def value_ranges(spec: CheckedSpec) -> list[ValueRange]:
     return out
 
 
-def checked_by_evaluation(spec: CheckedSpec, ranges) -> tuple[ir.Expr, ...]:
-    """What a call on the kernels evaluates before launching, because no formula decides it
-    and the kernels would go on silently: lookups with an index whose range no formula gives
-    (``table[doc[q]]`` reads data; ``bias[q // X]`` divides by a parameter of unknown sign),
-    which the kernels clamp; and integer divisions by an expression of positions
-    (``q // (kv - 3)``), which give garbage where it is 0. The PyTorch path raises on both."""
-    unknown = {(r.tensor, r.dim, r.index) for r in ranges if r.low is None}
-    roots = [e for e in (spec.spec.score, spec.spec.mask) if e is not None]
+@dataclass(frozen=True)
+class EvaluatedCheck:
+    """What a call on the kernels evaluates before launching (``checked_by_evaluation``): an
+    index of ``context`` (a lookup, dimension ``dim``) that no formula bounds, or the divisor
+    of ``context`` (an integer division). ``slice_range``: the index is ``t[e]``, ``t`` of rank
+    1 and ``e`` bounded by this range, so that the values of a slice of ``t`` bound it."""
+    kind: str                 # "index" or "divisor"
+    node: ir.Expr             # the index expression, or the divisor
+    context: ir.Expr          # the lookup it indexes, or the division it divides
+    dim: int = 0
+    in_mask: bool = False     # the mask is evaluated at every position, the score where kept
+    slice_range: IndexRange | None = None
+
+
+def checked_by_evaluation(spec: CheckedSpec, ranges) -> tuple[EvaluatedCheck, ...]:
+    """What no formula decides and the kernels would get silently wrong: an index with no
+    closed-form range (``table[doc[q]]`` reads data; ``bias[q // X]`` divides by a parameter
+    of unknown sign), which the kernels clamp; and an integer divisor of positions
+    (``q // (kv - 3)``), which gives garbage where it is 0. The PyTorch path raises on both."""
+    known = {(r.tensor, r.dim, r.index): r for r in ranges}
     out = []
-    for node in (n for root in roots for n in ir.walk(root)):
-        if node in out:
-            continue
-        if isinstance(node, ir.Lookup) and any(
-                (node.tensor, dim, index) in unknown for dim, index in enumerate(node.indices)):
-            out.append(node)
-        elif isinstance(node, ir.Binary) and node.op in ("//", "%") and (
-                ir.names(node.right) & set(ir.POSITIONS) or _has_lookup(node.right)):
-            out.append(node)
-    return tuple(out)
+    for root, in_mask in ((spec.spec.score, False), (spec.spec.mask, True)):
+        for node in (ir.walk(root) if root is not None else ()):
+            if isinstance(node, ir.Lookup):
+                for dim, index in enumerate(node.indices):
+                    r = known.get((node.tensor, dim, index))
+                    if r is None or r.low is not None:
+                        continue
+                    inner = (known.get((index.tensor, 0, index.indices[0]))
+                             if isinstance(index, ir.Lookup) and len(index.indices) == 1
+                             else None)
+                    out.append(EvaluatedCheck("index", index, node, dim, in_mask,
+                                              inner if inner and inner.low is not None
+                                              else None))
+            elif isinstance(node, ir.Binary) and node.op in ("//", "%") and (
+                    ir.names(node.right) & set(ir.POSITIONS) or _has_lookup(node.right)):
+                out.append(EvaluatedCheck("divisor", node.right, node, 0, in_mask))
+    return tuple(dict.fromkeys(out))
 
 
 def index_ranges(spec: CheckedSpec) -> list[IndexRange]:
@@ -218,7 +237,8 @@ def _interval(node: ir.Expr, symbols: Symbols, extents) -> tuple | None:
         if node.op == "//" and b[0] == b[1] and b[0].is_positive:
             return sympy.floor(a[0] / b[0]), sympy.floor(a[1] / b[0])
         if node.op == "%" and b[0] == b[1]:
-            return sympy.Integer(0), b[0] - 1
+            # The sign of the divisor's: [0, b - 1] for b > 0, [b + 1, 0] for b < 0.
+            return sympy.Min(0, b[0] + 1), sympy.Max(0, b[0] - 1)
         if node.op == "**" and isinstance(node.right, ir.Num) and isinstance(
                 node.right.value, int) and node.right.value >= 0:
             n = node.right.value

@@ -91,4 +91,5 @@ def _tied(result, *inputs):
     wanting = [t for t in (*inputs[:3], *inputs[3].values()) if t.requires_grad]
     if not wanting:
         return result
-    return result + sum(t.sum() * 0 for t in wanting).to(result.dtype)
+    # An empty slice's sum: 0 exactly, where t.sum() * 0 is NaN for a tensor holding inf.
+    return result + sum(t.reshape(-1)[:0].sum() for t in wanting).to(result.dtype)
