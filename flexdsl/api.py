@@ -101,9 +101,7 @@ class Attention:
         self.spec = spec
         self.defaults = types.MappingProxyType(dict(defaults))
         self.options = options or KernelOptions()
-        self.index_ranges, self.value_ranges = _ranges(spec)
-        checks = checked_by_evaluation(spec, self.index_ranges)
-        self._evaluated = EvaluatedChecks(spec, checks) if checks else None
+        self._derive_checks()
         self._kernel_keys: dict = {}
         self._ranges_passed: set = set()
         self._kernel_calls: dict = {}
@@ -120,12 +118,15 @@ class Attention:
         return state
 
     def __setstate__(self, state):
-        index, value = _ranges(state["spec"])
-        checks = checked_by_evaluation(state["spec"], index)
-        self.__dict__.update(state, defaults=types.MappingProxyType(state["defaults"]),
-                             index_ranges=index, value_ranges=value,
-                             _evaluated=EvaluatedChecks(state["spec"], checks) if checks
-                             else None)
+        self.__dict__.update(state, defaults=types.MappingProxyType(state["defaults"]))
+        self._derive_checks()
+
+    def _derive_checks(self):
+        """What the calls check, from the spec: index and value ranges, and the checks by
+        evaluation (with what they last passed, per Attention)."""
+        self.index_ranges, self.value_ranges = _ranges(self.spec)
+        checks = checked_by_evaluation(self.spec, self.index_ranges)
+        self._evaluated = EvaluatedChecks(self.spec, checks) if checks else None
 
     @property
     def analysis(self):

@@ -342,13 +342,17 @@ class EvaluatedChecks:
 
     def _check_slice(self, check: EvaluatedCheck, values: dict, tensors: Mapping) -> None:
         """``table[t[e]]``: the values of t over e's range bound the index, in O(len(t))."""
+        from .eager import check_index
         low, high = check.slice_range.bounds(values)
         inner = tensors[check.node.tensor]
         part = inner[max(low, 0):min(high, inner.shape[0] - 1) + 1]
         if part.numel():
-            self._judge(check, int(part.min()), int(part.max()), tensors)
+            check_index(check.context, check.dim, int(part.min()), int(part.max()),
+                        tensors[check.context.tensor].shape[check.dim], self.spec.text)
 
     def _check_on_grid(self, check: EvaluatedCheck, q, k, params, tensors) -> None:
+        import dataclasses
+
         import torch
 
         from . import eager
@@ -358,31 +362,15 @@ class EvaluatedChecks:
             positions = eager.positions(batch, heads, q_len, kv_len, q.device, start,
                                         min(start + 1024, q_len))
             grid = eager.Grid(positions, params, tensors, torch.float32, None, self.spec.text)
-            keep = eager.evaluate(mask, grid) if mask is not None else None
-            if keep is not None:
-                grid = eager.Grid(positions, params, tensors, torch.float32, None,
-                                  self.spec.text, keep)
-            value = eager.evaluate(check.node, grid)
-            if keep is not None:
-                shape = torch.broadcast_shapes(value.shape, keep.shape)
-                value = value.expand(shape)[keep.expand(shape)]
+            if mask is not None:
+                grid = dataclasses.replace(grid, keep=eager.evaluate(mask, grid))
+            value = eager.kept_values(eager.evaluate(check.node, grid), grid.keep)
             if not value.numel():
                 continue
             if check.kind == "divisor":
                 if bool((value == 0).any()):
-                    raise SpecCallError(
-                        f"division by zero in '{ir.unparse(check.context)}'",
-                        spec=self.spec.text, span=check.node.span,
-                        hint="check the parameters passed for this spec")
+                    raise eager.division_by_zero(check.context, self.spec.text)
             else:
-                self._judge(check, int(value.min()), int(value.max()), tensors)
-
-    def _judge(self, check: EvaluatedCheck, low: int, high: int, tensors: Mapping) -> None:
-        lookup = check.context
-        size = tensors[lookup.tensor].shape[check.dim]
-        if low < 0 or high >= size:
-            raise SpecCallError(
-                f"index out of range: {ir.unparse(lookup)} reaches {low if low < 0 else high} "
-                f"in dimension {check.dim}, whose size is {size}", spec=self.spec.text,
-                span=check.node.span,
-                hint=f"pass a larger '{lookup.tensor}', or keep the index in range")
+                eager.check_index(check.context, check.dim, int(value.min()),
+                                  int(value.max()), tensors[check.context.tensor].shape[check.dim],
+                                  self.spec.text)

@@ -88,18 +88,12 @@ class _Evaluator:
         indices = [self.visit(i) for i in node.indices]
         keep = self.grid.keep
         for dim, (index, expression) in enumerate(zip(indices, node.indices)):
-            if keep is not None:   # only where the mask keeps a position must it be in range
-                shape = torch.broadcast_shapes(index.shape, keep.shape)
-                index = index.expand(shape)[keep.expand(shape)]
+            # Only where the mask keeps a position must an index be in range.
+            index = kept_values(index, keep)
             if index.numel() == 0:
                 continue
-            low, high = int(index.min()), int(index.max())
-            if low < 0 or high >= table.shape[dim]:
-                raise SpecCallError(
-                    f"index out of range: {node.tensor}[{', '.join(map(ir.unparse, node.indices))}]"
-                    f" reaches {low if low < 0 else high} in dimension {dim}, whose size is "
-                    f"{table.shape[dim]}", spec=self.grid.spec_text, span=expression.span,
-                    hint=f"pass a larger '{node.tensor}', or keep the index in range")
+            check_index(node, dim, int(index.min()), int(index.max()), table.shape[dim],
+                        self.grid.spec_text)
         if keep is not None and table.numel():   # dropped positions read any element
             indices = [i.clamp(0, size - 1) for i, size in zip(indices, table.shape)]
         indices = torch.broadcast_tensors(*indices)
@@ -128,9 +122,7 @@ class _Evaluator:
         if op in ("//", "%"):
             right = self.kept(right)   # a divisor of 0 where the mask drops the position is not
             if bool((right == 0).any()):
-                raise SpecCallError(f"division by zero in '{ir.unparse(node)}'",
-                                    spec=self.grid.spec_text, span=node.right.span,
-                                    hint="check the parameters passed for this spec")
+                raise division_by_zero(node, self.grid.spec_text)
             if op == "//":
                 return torch.div(left, right, rounding_mode="floor")
             return torch.remainder(left, right)
@@ -181,6 +173,31 @@ class _Evaluator:
         test, then, orelse = self.visit(node.test), self.visit(node.then), self.visit(node.orelse)
         then, orelse = _promote([then, orelse])
         return torch.where(test, then, orelse)
+
+
+def kept_values(value: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``value``'s elements at the positions ``keep`` keeps (all of them without a mask)."""
+    if keep is None:
+        return value
+    shape = torch.broadcast_shapes(value.shape, keep.shape)
+    return value.expand(shape)[keep.expand(shape)]
+
+
+def check_index(lookup: ir.Lookup, dim: int, low: int, high: int, size: int,
+                spec_text: str) -> None:
+    """Raise unless [low, high], the values of ``lookup``'s index ``dim``, lie in its size."""
+    if low < 0 or high >= size:
+        raise SpecCallError(
+            f"index out of range: {ir.unparse(lookup)} reaches {low if low < 0 else high} in "
+            f"dimension {dim}, whose size is {size}", spec=spec_text,
+            span=lookup.indices[dim].span,
+            hint=f"pass a larger '{lookup.tensor}', or keep the index in range")
+
+
+def division_by_zero(division: ir.Binary, spec_text: str) -> SpecCallError:
+    return SpecCallError(f"division by zero in '{ir.unparse(division)}'", spec=spec_text,
+                         span=division.right.span,
+                         hint="check the parameters passed for this spec")
 
 
 def _promote(values: list[torch.Tensor]) -> list[torch.Tensor]:

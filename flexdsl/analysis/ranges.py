@@ -77,10 +77,7 @@ def value_ranges(spec: CheckedSpec) -> list[ValueRange]:
     """Each integer sub-expression with sound interval bounds (indices of lookups included,
     lookups themselves not: data decides them), and each divisor fixed per call."""
     symbols = Symbols(spec)
-    extents = {
-        "b": (0, symbols[N_BATCH] - 1), "h": (0, symbols[N_HEADS] - 1),
-        "q": (0, symbols["q_len"] - 1), "kv": (0, symbols["kv_len"] - 1),
-    }
+    extents = _extents(symbols)
     roots = [e for e in (spec.spec.score, spec.spec.mask) if e is not None]
     out, seen = [], set()
     for node in (n for root in roots for n in ir.walk(root)):
@@ -146,10 +143,7 @@ def checked_by_evaluation(spec: CheckedSpec, ranges) -> tuple[EvaluatedCheck, ..
 def index_ranges(spec: CheckedSpec) -> list[IndexRange]:
     """Every (tensor, dimension, index expression) of the spec with its range."""
     symbols = Symbols(spec)
-    extents = {
-        "b": (0, symbols[N_BATCH] - 1), "h": (0, symbols[N_HEADS] - 1),
-        "q": (0, symbols["q_len"] - 1), "kv": (0, symbols["kv_len"] - 1),
-    }
+    extents = _extents(symbols)
     out, seen = [], set()
     for tensor in spec.signature.tensors.values():
         for use in tensor.uses:
@@ -163,6 +157,12 @@ def index_ranges(spec: CheckedSpec) -> list[IndexRange]:
                 out.append(IndexRange(tensor.name, dim, index, low, high,
                                       _compile(low, high) if low_high else None))
     return out
+
+
+def _extents(symbols: Symbols) -> dict:
+    """The range of each position: b, h, q and kv from 0 to their extent less one."""
+    return {"b": (0, symbols[N_BATCH] - 1), "h": (0, symbols[N_HEADS] - 1),
+            "q": (0, symbols["q_len"] - 1), "kv": (0, symbols["kv_len"] - 1)}
 
 
 def _range(node: ir.Expr, symbols: Symbols, extents) -> tuple | None:

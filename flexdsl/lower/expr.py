@@ -195,10 +195,6 @@ class Lowering:
             left, right = self.expr(node.left), self.expr(node.right)
             if isinstance(node.left, ir.Num):  # the helper converts its operands: give it tensors
                 left = f"({left} + 0 * {right})"
-            if isinstance(node.right, ir.Num) and isinstance(node.left, ir.Num):
-                value = node.left.value // node.right.value if op == "//" else \
-                    node.left.value % node.right.value
-                return repr(value)
             if _uniform(node.right) and not isinstance(node.right, ir.Num):
                 # A literal stays with the plain helper: the compiler divides by a constant.
                 if self.divisors is None:
