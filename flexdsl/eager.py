@@ -38,8 +38,19 @@ def evaluate(node: ir.Expr, grid: Grid) -> torch.Tensor:
     return _Evaluator(grid).visit(node)
 
 
+def _log2(x: torch.Tensor) -> torch.Tensor:
+    # torch.log2 on CUDA can miss a power of two by an ulp (float64 log2(8) gave
+    # 2.9999999999999996 on an H200), which floor() turns into the bucket below. A power of
+    # two's value is set to its exponent, the gradient left as log2's. (exp2 of an integer
+    # is exact; frexp would say it too, but inductor's C++ fails to compile it in float64.)
+    estimate = torch.log2(x)
+    nearest = torch.round(estimate.detach())
+    power = (torch.exp2(nearest) == x.detach()) & torch.isfinite(nearest)
+    return estimate + torch.where(power, nearest - estimate.detach(), 0.0)
+
+
 _FLOAT_FUNCTIONS = {
-    "exp": torch.exp, "exp2": torch.exp2, "log": torch.log, "log2": torch.log2,
+    "exp": torch.exp, "exp2": torch.exp2, "log": torch.log, "log2": _log2,
     "sqrt": torch.sqrt, "rsqrt": torch.rsqrt, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
 }
 _COMPARISONS = {"==": torch.eq, "!=": torch.ne, "<": torch.lt, "<=": torch.le,

@@ -83,6 +83,10 @@ def _clamped_table(batch, heads, q_len, kv_len, gen, device):
     return torch.randn(heads, 17, generator=gen).to(device)
 
 
+def _log_bucket_bias(batch, heads, q_len, kv_len, gen, device):
+    return torch.randn(heads, max(q_len, 2).bit_length(), generator=gen).to(device)
+
+
 def _gains(batch, heads, q_len, kv_len, gen, device):
     return (torch.rand(q_len + kv_len, generator=gen) + 0.5).to(device)
 
@@ -106,6 +110,10 @@ DIAGONAL = [
     # constant added to a whole row has a zero gradient, which only rounding would test).
     Case("halved_distance", "score + bias[h, floor(q * 0.5 - kv * 0.5) + kv_len]",
          tensors={"bias": bias_table}),
+    # Log buckets computed in the spec: floor(log2(.)) of a power of two must be exact on
+    # both sides (the GPU's float64 log2 is not, alone).
+    Case("log_buckets", "score + bias[h, floor(log2(q - kv + 1))] where q >= kv",
+         tensors={"bias": _log_bucket_bias}),
     Case("positions_cancel", "score + 0.01 * (q - kv) * bias[h, kv - kv + 1] where q >= kv",
          tensors={"bias": bias_table}),
 ]

@@ -625,8 +625,9 @@ def test_a_modulo_by_a_negative_parameter_is_a_range_like_any_other():
 
 
 def test_log_buckets_are_exact_where_log2_is_not():
-    # floor(log2(8.0)) came out 2 on the H200 (its log2 is approximate): the kernels correct
-    # an estimate off by a little either way to the exact floor and ceiling.
+    # A log2 an ulp low at a power of two floors to the bucket below (torch's float64 log2 on
+    # CUDA is, at 8.0): the kernels correct an estimate off by a little either way to the
+    # exact floor and ceiling.
     import triton
     import triton.language as tl
     attn = flexdsl.compile("score + bias[floor(log2(q - kv + 1))] where q >= kv",

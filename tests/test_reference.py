@@ -219,3 +219,25 @@ def test_float32_inputs_give_float32_out():
     assert out.dtype == torch.float32 and want.dtype == torch.float64
     assert (out.double() - want).abs().max().item() < 1e-5
     assert (lse.double() - want_lse).abs().max().item() < 1e-5
+
+
+def test_log_buckets_are_exact_where_log2_misses_a_power_of_two(monkeypatch):
+    # torch.log2 in float64 on an H200 gave 2.9999999999999996 for 8: floor() then took the
+    # bucket below, in the reference and the PyTorch path alike. A log2 an ulp low everywhere
+    # must not move a bucket.
+    exact_log2 = torch.log2
+    monkeypatch.setattr(torch, "log2", lambda x: exact_log2(x) * (1 - 2.0 ** -52))
+    spec = "score + bias[floor(log2(q - kv + 1))] where q >= kv"
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 37, HEAD_DIM, generator=gen, dtype=torch.float64)
+               for _ in range(3))
+    bias = torch.randn(6, generator=gen, dtype=torch.float64)
+    rows, cols = positions(37, 37)
+    distance = (rows - cols).clamp(min=0)
+    bucket = torch.tensor([int(d + 1).bit_length() - 1 for d in distance.flatten()])
+    scores = q @ k.transpose(-1, -2) * HEAD_DIM ** -0.5 + bias[bucket].view(37, 37)
+    scores = scores.masked_fill(rows < cols, -math.inf)
+    want = torch.softmax(scores, -1) @ v
+    attn = flexdsl.compile(spec, options=flexdsl.KernelOptions(backend="torch"))
+    assert (attn.reference(q, k, v, bias=bias)[0] - want).abs().max() <= TOLERANCE
+    assert (attn(q, k, v, bias=bias) - want).abs().max() <= TOLERANCE
