@@ -58,6 +58,22 @@ def _ranges_of_text(text: str) -> tuple[tuple[IndexRange, ...], tuple[ValueRange
     return tuple(index_ranges(spec)), tuple(value_ranges(spec))
 
 
+def _ranges_where_kept(spec: CheckedSpec, analysis) -> dict[tuple, IndexRange]:
+    """The index ranges with the score's narrowed to where the mask keeps a position, by
+    (tensor, dim, index). Solving the mask costs ~1 s of sympy: only when a call's whole
+    range fails, or ``flexdsl check`` prints them."""
+    if spec is _checked(spec.text):
+        return _ranges_where_kept_of_text(spec.text)
+    return {(r.tensor, r.dim, r.index): r for r in index_ranges(spec, analysis.by_query)}
+
+
+@functools.lru_cache(maxsize=256)
+def _ranges_where_kept_of_text(text: str) -> dict[tuple, IndexRange]:
+    spec = _checked(text)
+    return {(r.tensor, r.dim, r.index): r
+            for r in index_ranges(spec, _analysis_of_text(text).by_query)}
+
+
 @functools.lru_cache(maxsize=256)
 def _analysis_of_text(text: str):
     from .analysis.plan import MaskAnalysis
@@ -222,7 +238,15 @@ class Attention:
     def _bind(self, q, k, v, scale, given: dict, integer_limit: int) -> Bound:
         return bind(self.spec, self.index_ranges, q, k, v, scale=scale,
                     defaults=self.defaults, given=given, passed=self._ranges_passed,
-                    values=self.value_ranges, integer_limit=integer_limit)
+                    values=self.value_ranges, integer_limit=integer_limit,
+                    where_kept=self.index_range_where_kept)
+
+    def index_range_where_kept(self, r: IndexRange) -> IndexRange:
+        """``r`` (one of ``index_ranges``), narrowed to the positions the mask keeps where it
+        indexes the score only: what both paths need valid."""
+        if self.spec.spec.mask is None or r.low is None:
+            return r
+        return _ranges_where_kept(self.spec, self.analysis).get((r.tensor, r.dim, r.index), r)
 
     def __call__(self, q, k, v, *, scale=None, return_lse: bool = False,
                  **params_and_tensors):

@@ -102,10 +102,12 @@ TORCH_INTEGERS = 2 ** 62
 def bind(spec: CheckedSpec, ranges: list[IndexRange], q, k, v, *, scale=None,
          defaults: Mapping[str, Any] | None = None,
          given: Mapping[str, Any] | None = None, passed: set | None = None,
-         values: tuple[ValueRange, ...] = (), integer_limit: int = TORCH_INTEGERS) -> Bound:
+         values: tuple[ValueRange, ...] = (), integer_limit: int = TORCH_INTEGERS,
+         where_kept=None) -> Bound:
     """Validate a call. ``defaults`` were bound at compile time; ``given`` at the call.
     ``passed`` remembers the sizes and parameters whose index ranges already checked out;
-    ``values`` bounds the spec's integers (within ``integer_limit``) and divisors."""
+    ``values`` bounds the spec's integers (within ``integer_limit``) and divisors;
+    ``where_kept`` narrows an index range that fails to where the mask keeps a position."""
     text = spec.text
     _check_qkv(q, k, v, text)
     if scale is None:
@@ -133,7 +135,7 @@ def bind(spec: CheckedSpec, ranges: list[IndexRange], q, k, v, *, scale=None,
         tensors[name] = _check_tensor(spec, name, names[name], q)
     bound = Bound(spec, q, k, v, float(scale), params, tensors)
     if ranges or values:
-        _check_ranges(bound, ranges, passed, values, integer_limit)
+        _check_ranges(bound, ranges, passed, values, integer_limit, where_kept)
     return bound
 
 
@@ -232,7 +234,7 @@ def _check_tensor(spec: CheckedSpec, name: str, value, q):
 
 def _check_ranges(bound: Bound, ranges: list[IndexRange], passed: set | None = None,
                   value_ranges: tuple[ValueRange, ...] = (),
-                  integer_limit: int = TORCH_INTEGERS) -> None:
+                  integer_limit: int = TORCH_INTEGERS, where_kept=None) -> None:
     if bound.q_len == 0 or bound.kv_len == 0:
         return
     values = bound.values()
@@ -243,17 +245,15 @@ def _check_ranges(bound: Bound, ranges: list[IndexRange], passed: set | None = N
         return
     _check_values(bound, values, value_ranges, integer_limit)
     for r in ranges:
-        try:
-            limits = r.bounds(values)
-        except ValueError as why:   # a parameter made an index infinite
-            raise SpecCallError(str(why), spec=bound.spec.text, span=r.index.span,
-                                hint="indices must be finite integers; check the parameters"
-                                ) from None
+        limits = _limits(bound, r, values)
         if limits is None:
             continue
-        low, high = limits
         size = bound.tensors[r.tensor].shape[r.dim]
-        if low >= 0 and high < size:
+        if (limits[0] < 0 or limits[1] >= size) and where_kept is not None:
+            r = where_kept(r)
+            limits = _limits(bound, r, values)
+        low, high = limits
+        if (low >= 0 and high < size) or low > high:   # low > high: the mask keeps nothing
             continue
         text = ir.unparse(r.index)
         lengths = f"q_len={bound.q_len}, kv_len={bound.kv_len}"
@@ -267,11 +267,20 @@ def _check_ranges(bound: Bound, ranges: list[IndexRange], passed: set | None = N
                 f"'{r.tensor}' is too short: dimension {r.dim} has size {size}, but index "
                 f"'{text}' reaches {high} ({lengths}), so it needs size >= {high + 1}",
                 spec=bound.spec.text, span=r.index.span,
-                hint=f"'{text}' spans [{r.low}, {r.high}]")
+                hint=f"'{text}' spans {r.span(values)}")
     if passed is not None:
         if len(passed) > 1024:
             passed.clear()
         passed.add(key)
+
+
+def _limits(bound: Bound, r: IndexRange, values: dict) -> tuple[int, int] | None:
+    try:
+        return r.bounds(values)
+    except ValueError as why:   # a parameter made an index infinite
+        raise SpecCallError(str(why), spec=bound.spec.text, span=r.index.span,
+                            hint="indices must be finite integers; check the parameters"
+                            ) from None
 
 
 def _check_values(bound: Bound, values: dict, value_ranges, limit: int) -> None:

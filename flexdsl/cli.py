@@ -61,8 +61,8 @@ def cmd_check(args) -> int:
     for line in lines:
         print(f"  {line}")
     attention = api.Attention(checked, params)
-    for line in attention.index_ranges:
-        print(f"  index     {line.describe()}")
+    for r in attention.index_ranges:
+        print(f"  index     {attention.index_range_where_kept(r).describe()}")
     if params:
         print("bound: " + ", ".join(f"{k}={v}" for k, v in params.items()))
     _print_score(attention)

@@ -110,6 +110,10 @@ DIAGONAL = [
     # constant added to a whole row has a zero gradient, which only rounding would test).
     Case("halved_distance", "score + bias[h, floor(q * 0.5 - kv * 0.5) + kv_len]",
          tensors={"bias": bias_table}),
+    # Causal relative positions indexed from 0: valid only where the mask keeps a position,
+    # so the tile's masked differences read clamped entries that must not leak.
+    Case("causal_distance", "score + bias[h, q - kv] where q >= kv",
+         tensors={"bias": bias_table}),
     # Log buckets computed in the spec: floor(log2(.)) of a power of two must be exact on
     # both sides (the GPU's float64 log2 is not, alone).
     Case("log_buckets", "score + bias[h, floor(log2(q - kv + 1))] where q >= kv",

@@ -342,3 +342,30 @@ def test_auto_keeps_float64_on_the_path_that_computes_in_it():
 def test_a_function_name_or_true_is_not_a_parameter():
     raises_at(lambda: flexdsl.check("score + tanh"), "'tanh' is a function", 8, 4)
     raises_at(lambda: flexdsl.check("where q >= kv == True"), "'True' is not a value", 17, 4)
+
+
+def test_an_index_of_the_score_needs_range_only_where_the_mask_keeps():
+    # Causal relative positions, written as a person would: q - kv never goes below 0 where
+    # q >= kv keeps a position, so a table of q_len entries is enough.
+    q, k, v = qkv()
+    attn = flexdsl.compile("score + bias[h, q - kv] where q >= kv")
+    out = attn(q, k, v, bias=torch.randn(4, 7, dtype=F64))
+    assert out.shape == q.shape
+    error = raises_at(lambda: attn(q, k, v, bias=torch.randn(4, 6, dtype=F64)),
+                      "'bias' is too short: dimension 1 has size 6, but index 'q - kv' reaches 6 "
+                      "(q_len=7, kv_len=9), so it needs size >= 7", 16, 6, kind=SpecCallError)
+    assert error.hint == "'q - kv' spans [0, q_len - 1] where the mask keeps a position"
+    # A disjunction keeps kv < 3 everywhere: q - kv goes down to -2 there.
+    raises_at(lambda: flexdsl.compile("score + bias[h, q - kv] where q >= kv or kv < 3")(
+        q, k, v, bias=torch.randn(4, 7, dtype=F64)),
+        "index 'q - kv' of 'bias' goes down to -2 (q_len=7, kv_len=9); tensors cannot be "
+        "indexed below 0", 16, 6, kind=SpecCallError)
+    # The mask reads its own lookups at every position: no narrowing there.
+    raises_at(lambda: flexdsl.compile("where q >= kv and gate[q - kv] > 0.5")(
+        q, k, v, gate=torch.randn(7, dtype=F64)),
+        "index 'q - kv' of 'gate' goes down to -8 (q_len=7, kv_len=9); tensors cannot be "
+        "indexed below 0", 23, 6, kind=SpecCallError)
+    # The mask keeps nothing (P = 0): no index is read.
+    attn = flexdsl.compile("score + bias[kv] where kv < P")
+    assert attn(q, k, v, bias=torch.randn(2, dtype=F64), P=2).shape == q.shape
+    assert attn(q, k, v, bias=torch.randn(1, dtype=F64), P=0).shape == q.shape

@@ -155,3 +155,15 @@ def test_a_reader_that_goes_away_is_not_a_traceback():
         "show 'where 0 <= q - kv < 8' --q-len 4096 --tile 8 --quiet | head -1", shell=True,
         capture_output=True, text=True, cwd=ROOT)
     assert shown.stdout.startswith("spec:") and "Traceback" not in shown.stderr
+
+
+def test_index_ranges_where_the_mask_keeps_are_printed(capsys):
+    code, out, _ = run(capsys, "check", "score + bias[h, q - kv + W] where abs(q - kv) <= W")
+    assert code == 0
+    assert ("  index     bias dim 1: q - kv + W in [W + Max(-W, 1 - kv_len), W + Min(W, q_len - 1)]"
+            " where the mask keeps a position, needs size >= W + Min(W, q_len - 1) + 1"
+            ) in out.splitlines()
+    # Bounds through a floor are not used (sound, not tight): the whole range is printed.
+    _, out, _ = run(capsys, "check", "score + bias[q - kv + kv_len] where q // C >= kv // C")
+    assert ("  index     bias dim 0: q - kv + kv_len in [1, kv_len + q_len - 1], needs size >= "
+            "kv_len + q_len") in out.splitlines()

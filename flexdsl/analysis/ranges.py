@@ -3,7 +3,9 @@
 For ``bias[h, q - kv + kv_len]`` the second index runs over [1, q_len + kv_len - 1], so ``bias``
 needs q_len + kv_len entries along that dimension. Affine indices get exact ranges; others get
 sound interval bounds; indices that depend on data (``table[doc[q]]``) get none and are checked
-when evaluated.
+when evaluated. An index of the score needs to be valid only where the mask keeps a position
+(both paths read something harmless elsewhere), so with the mask solved for kv its range is
+also bounded over the kept positions: ``bias[q - kv] where q >= kv`` spans [0, q_len - 1].
 
 The same intervals bound every integer sub-expression (``value_ranges``), so that a call whose
 parameters would overflow the integers it is computed in is refused, and every divisor fixed by
@@ -18,6 +20,7 @@ import sympy
 
 from .. import ir
 from ..check import CheckedSpec
+from .bounds import Solved
 from .symbolic import N_BATCH, N_HEADS, Symbols, to_sympy
 
 
@@ -31,20 +34,38 @@ class IndexRange:
     high: sympy.Expr | None
     # The bounds as plain Python functions of named values: no sympy on the call path.
     _evaluate: object = field(default=None, compare=False, repr=False)
+    # Over the positions the mask keeps (an index of the score): tighter, and sound while
+    # the parameters in ``positive`` are (the mask's bounds were solved dividing by them).
+    kept: tuple | None = None
+    positive: tuple[str, ...] = ()
+    _evaluate_kept: object = field(default=None, compare=False, repr=False)
 
     def describe(self) -> str:
         text = ir.unparse(self.index)
         if self.low is None:
             return f"{self.tensor} dim {self.dim}: {text} depends on data, checked at run time"
+        if self.kept is not None:
+            low, high = self.kept
+            return (f"{self.tensor} dim {self.dim}: {text} in [{low}, {high}] where the mask "
+                    f"keeps a position, needs size >= {sympy.simplify(high + 1)}")
         need = sympy.simplify(self.high + 1)
         return (f"{self.tensor} dim {self.dim}: {text} in [{self.low}, {self.high}], "
                 f"needs size >= {need}")
+
+    def _uses_kept(self, values) -> bool:
+        return self.kept is not None and all(values[n] > 0 for n in self.positive)
+
+    def span(self, values: dict[str, int | float]) -> str:
+        """The closed form that ``bounds`` evaluates for these values, as text."""
+        low, high = self.kept if self._uses_kept(values) else (self.low, self.high)
+        return f"[{low}, {high}]" + (" where the mask keeps a position"
+                                     if self._uses_kept(values) else "")
 
     def bounds(self, values: dict[str, int | float]) -> tuple[int, int] | None:
         """[low, high] for concrete lengths and parameters, or None if data decides."""
         if self.low is None:
             return None
-        names, function = self._evaluate
+        names, function = self._evaluate_kept if self._uses_kept(values) else self._evaluate
         try:
             low, high = function(*(values[n] for n in names))
         except (OverflowError, ValueError, ZeroDivisionError):
@@ -140,10 +161,15 @@ def checked_by_evaluation(spec: CheckedSpec, ranges) -> tuple[EvaluatedCheck, ..
     return tuple(dict.fromkeys(out))
 
 
-def index_ranges(spec: CheckedSpec) -> list[IndexRange]:
-    """Every (tensor, dimension, index expression) of the spec with its range."""
+def index_ranges(spec: CheckedSpec, by_query: Solved | None = None) -> list[IndexRange]:
+    """Every (tensor, dimension, index expression) of the spec with its range; with the mask
+    solved for kv (``by_query``), an index of the score also with its range where kept."""
     symbols = Symbols(spec)
     extents = _extents(symbols)
+    # The mask is evaluated at every position: its own indices must be valid everywhere.
+    in_mask = {(n.tensor, dim, index) for n in ir.walk(spec.spec.mask)
+               if isinstance(n, ir.Lookup) for dim, index in enumerate(n.indices)
+               } if spec.spec.mask is not None else set()
     out, seen = [], set()
     for tensor in spec.signature.tensors.values():
         for use in tensor.uses:
@@ -154,8 +180,79 @@ def index_ranges(spec: CheckedSpec) -> list[IndexRange]:
                 seen.add(key)
                 low_high = _range(index, symbols, extents)
                 low, high = low_high if low_high else (None, None)
-                out.append(IndexRange(tensor.name, dim, index, low, high,
-                                      _compile(low, high) if low_high else None))
+                kept = None
+                if low_high and by_query is not None and key not in in_mask:
+                    kept = _kept_range(index, by_query, symbols, extents)
+                    if kept and all(sympy.simplify(a - b) == 0 for a, b in zip(kept, low_high)):
+                        kept = None   # no narrower than the whole range
+                out.append(IndexRange(
+                    tensor.name, dim, index, low, high,
+                    _compile(low, high) if low_high else None, kept,
+                    by_query.positive if kept else (), _compile(*kept) if kept else None))
+    return out
+
+
+def _kept_range(index: ir.Expr, solved: Solved, symbols: Symbols, extents) -> tuple | None:
+    """Bounds of an index affine in q and kv over the positions the mask keeps, or None.
+
+    Each conjunction keeps kv in [max of its lower bounds, min of its upper bounds] (0 and
+    kv_len - 1 among them). With an index c + a q + k kv (k > 0), the largest value over a
+    conjunction is at most c + a q + k U(q) for each upper bound U; where U is affine in q,
+    that is largest at q = 0 or q_len - 1. The least upper bound over the U is sound, and
+    exact for a single bound (causal: kv <= q). Bounds with lookups or floors are skipped,
+    which only widens the range; so are conditions on rows and sorted-lookup runs."""
+    expression = sympy.expand(to_sympy(index, symbols))
+    if symbols.lookups:
+        symbols.lookups.clear()
+        return None
+    variables = [symbols[n] for n in ir.POSITIONS]
+    if not expression.is_polynomial(*variables):
+        return None
+    poly = sympy.Poly(expression, *variables)
+    q, kv = symbols[solved.row], symbols[solved.col]
+    a, k = poly.coeff_monomial(q), poly.coeff_monomial(kv)
+    if poly.total_degree() > 1 or k == 0 or not (a.is_number and k.is_number):
+        return None
+    # The terms other than a q + k kv, over b and h.
+    rest_low = rest_high = poly.as_expr().subs({v: 0 for v in variables})
+    for name, v in zip(ir.POSITIONS, variables):
+        c = poly.coeff_monomial(v)
+        if v in (q, kv) or c == 0:
+            continue
+        if not c.is_number:
+            return None
+        lo, hi = extents[name]
+        rest_low, rest_high = (rest_low + c * lo, rest_high + c * hi) if c > 0 else (
+            rest_low + c * hi, rest_high + c * lo)
+    last_row = symbols[f"{solved.row}_len"] - 1
+
+    def ends(bound):   # a q + k bound(q) at the first and the last row
+        f = a * q + k * bound
+        return f.subs(q, 0), f.subs(q, last_row)
+
+    lows, highs = [], []
+    for c in solved.conjunctions:
+        lower = [sympy.Integer(0), *_affine_bounds(c.lower, symbols, q)]
+        upper = [symbols[f"{solved.col}_len"] - 1, *_affine_bounds(c.upper, symbols, q)]
+        top, bottom = (upper, lower) if k > 0 else (lower, upper)
+        highs.append(rest_high + sympy.Min(*(sympy.Max(*ends(b)) for b in top)))
+        lows.append(rest_low + sympy.Max(*(sympy.Min(*ends(b)) for b in bottom)))
+    return sympy.simplify(sympy.Min(*lows)), sympy.simplify(sympy.Max(*highs))
+
+
+def _affine_bounds(bounds, symbols: Symbols, row) -> list:
+    """The bounds that are affine in the row with no other position and no lookup."""
+    out = []
+    others = {symbols[n] for n in ir.POSITIONS} - {row}
+    for bound in bounds:
+        expression = sympy.expand(to_sympy(bound, symbols))
+        if symbols.lookups:
+            symbols.lookups.clear()
+            continue
+        if expression.free_symbols & others or not expression.is_polynomial(row):
+            continue
+        if sympy.Poly(expression, row).degree() <= 1:
+            out.append(expression)
     return out
 
 
