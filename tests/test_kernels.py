@@ -599,6 +599,16 @@ def test_powers_and_literals_as_torch_computes_them(spec, params):
     _check(Case("powers", spec, params), 21, 19, torch.float32)
 
 
+def test_nested_powers_render_their_base_once():
+    # By products written out, (x ** 63) ** 63 repeated x's text 3969 times; (x ** 7) ** 9, 63.
+    spec = "score + (((kv - q) * 0.001 + 1.0) ** 7) ** 9 * 1e-2 + ((kv - q) * 0.1) ** 5 * 1e-4"
+    attn = flexdsl.compile(spec, options=TRITON)
+    text = kernel_compile.compiled(attn.spec, attn.analysis, attn.derivatives,
+                                   fast_tanh=False).source.text
+    assert "_ipow(_ipow(" in text and text.count("* 0.001") <= 8
+    _check(Case("nested_powers", spec), 21, 19, torch.float32)
+
+
 def test_a_divisor_of_positions_that_reaches_zero_is_refused_like_the_torch_path():
     q = torch.randn(1, 2, 20, 16)
     for options in (TRITON, None):

@@ -42,7 +42,7 @@ def test_gathered_factors_keep_the_value(score):
     qk = torch.randn(7, 9, generator=gen, dtype=torch.float64) * 4
     names = dict(tl=TL, qk=qk, sm_scale=0.37, p_cap=-2.5, _LOG2E=math.log2(math.e),
                  q_idx=torch.arange(7)[:, None], kv_idx=torch.arange(9)[None, :],
-                 _tanh=torch.tanh, _sigmoid=torch.sigmoid)
+                 _tanh=torch.tanh, _sigmoid=torch.sigmoid, _ipow=lambda x, n: x ** n)
     expected = eval(plain.floating(tree), {**names, "score": qk * 0.37}) * names["_LOG2E"]
     actual = eval(gathered.scaled(tree, ("_LOG2E",)), names)
     torch.testing.assert_close(actual + torch.zeros_like(qk), expected + torch.zeros_like(qk),

@@ -211,9 +211,10 @@ class Lowering:
                     # Shaped like the base (a bare 1 has no .to()); 1 even where it is inf.
                     return (f"(0 * {base} + 1)" if self.type_of(node) == INT
                             else f"tl.where({base} == {base}, 1.0, 1.0)")
+                literal = constant_value(node.left) is not None
                 if exponent > 0:
-                    return _power(self.expr(node.left), exponent)
-                return f"(1.0 / {_power(self.floating(node.left), -exponent)})"
+                    return _power(self.expr(node.left), exponent, literal)
+                return f"(1.0 / {_power(self.floating(node.left), -exponent, literal)})"
             return f"_pow({self.floating(node.left)}, {self.floating(node.right)})"
         dtype = self.type_of(node)
         return f"({self._as(node.left, dtype)} {op} {self._as(node.right, dtype)})"
@@ -297,11 +298,14 @@ def _positions(node: ir.Expr) -> set[str]:
 _POWER_BY_PRODUCTS = 64
 
 
-def _power(base: str, exponent: int) -> str:
-    """``base ** exponent`` (a positive int) as products, by squaring: the compiler merges the
-    repeated sub-expressions."""
+def _power(base: str, exponent: int, literal: bool) -> str:
+    """``base ** exponent`` (a positive int) as products by squaring: in the template's
+    ``_ipow``, the base's text once, so that nested powers do not multiply it; written out
+    for a base of literals (a Python number, which ``_ipow`` cannot take)."""
     if exponent == 1:
         return base
-    half = _power(base, exponent // 2)
+    if not literal:
+        return f"_ipow({base}, {exponent})"
+    half = _power(base, exponent // 2, literal)
     square = f"({half} * {half})"
     return f"({square} * {base})" if exponent % 2 else square
