@@ -6,6 +6,8 @@ every leaf becomes a tensor, int values are int64 and float values take ``float_
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -36,6 +38,19 @@ class Grid:
 def evaluate(node: ir.Expr, grid: Grid) -> torch.Tensor:
     """The value of ``node`` on ``grid``: int64, bool or ``grid.float_dtype``."""
     return _Evaluator(grid).visit(node)
+
+
+def masked_scores(spec: ir.Spec, grid: Grid, *, mask: bool = True) -> torch.Tensor:
+    """The spec's score on ``grid`` (shaped like ``grid.score``), -inf where the mask drops a
+    position. The mask goes first: where it drops a position the score's lookups, divisors
+    and logarithms then read harmless values (``Grid.keep``). ``mask=False``: a block the
+    caller knows the mask keeps whole."""
+    keep = None
+    if mask and spec.mask is not None:
+        keep = evaluate(spec.mask, grid)
+        grid = dataclasses.replace(grid, keep=keep)
+    scores = evaluate(spec.score, grid).to(grid.float_dtype).expand_as(grid.score)
+    return scores if keep is None else scores.masked_fill(~keep, -math.inf)
 
 
 def _log2(x: torch.Tensor) -> torch.Tensor:

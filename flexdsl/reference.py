@@ -6,7 +6,6 @@ position is masked (or scored -inf) gives output 0 and log-sum-exp -inf, never N
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Mapping
 
@@ -37,15 +36,7 @@ def attention(spec: CheckedSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     grid = eager.Grid(eager.positions(batch, heads, q_len, kv_len, q.device),
                       dict(params or {}), dict(tensors or {}), dtype, scores, spec.text)
-    keep = None
-    if spec.spec.mask is not None:
-        keep = eager.evaluate(spec.spec.mask, grid).expand(batch, heads, q_len, kv_len)
-        grid = dataclasses.replace(grid, keep=keep)
-    scores = eager.evaluate(spec.spec.score, grid).to(dtype)
-    scores = scores.expand(batch, heads, q_len, kv_len)
-    if keep is not None:
-        scores = scores.masked_fill(~keep, -math.inf)
-    return softmax_attention(scores, v)
+    return softmax_attention(eager.masked_scores(spec.spec, grid), v)
 
 
 def softmax_attention(scores: torch.Tensor, v: torch.Tensor):

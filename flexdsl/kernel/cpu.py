@@ -6,7 +6,6 @@ touched and FULL blocks skip evaluating the mask. Plain torch ops throughout, so
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -55,13 +54,7 @@ def attention(bound: Bound, kv_blocks=None, block_m: int = BLOCK_M, block_n: int
                     eager.positions(batch, heads, q_len, kv_len, q.device,
                                     q_start, q_stop, n_start, n_stop),
                     bound.params, tensors, compute, scores, bound.spec.text)
-                keep = None
-                if masked and spec.mask is not None:
-                    keep = eager.evaluate(spec.mask, grid)
-                    grid = dataclasses.replace(grid, keep=keep)
-                scores = eager.evaluate(spec.score, grid).to(compute).expand_as(scores)
-                if keep is not None:
-                    scores = scores.masked_fill(~keep, -math.inf)
+                scores = eager.masked_scores(spec, grid, mask=masked)
                 new_max = torch.maximum(row_max, scores.amax(dim=-1, keepdim=True))
                 safe_max = new_max.masked_fill(new_max == -math.inf, 0)
                 correction = torch.exp(row_max - safe_max)
