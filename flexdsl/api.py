@@ -253,9 +253,12 @@ class Attention:
         key = _call_key(q, k, v, scale, params_and_tensors)
         known = self._kernel_calls.get(key) if key is not None else None
         if known is not None:
-            if self._evaluated is not None:
-                self._evaluated(q, k, known.params, known.tensors(params_and_tensors))
-            out, lse = known.run(q, k, v, params_and_tensors)
+            if self._evaluated is None:
+                out, lse = known.run(q, k, v, known.tensor_list(params_and_tensors))
+            else:
+                tensors = known.tensors(params_and_tensors)
+                self._evaluated(q, k, known.params, tensors)
+                out, lse = known.run(q, k, v, list(tensors.values()))
         else:
             out, lse = self._call(q, k, v, scale, params_and_tensors, key)
         return (out, lse) if return_lse else out
@@ -361,11 +364,14 @@ class _KernelCall:
     params: Mapping   # the call's parameters, defaults included
 
     def tensors(self, given: Mapping[str, Any]) -> dict:
+        """The spec's tensors by name, in the signature's order."""
         return {name: given.get(name, default) for name, default in self.tensor_sources}
 
-    def run(self, q, k, v, given: Mapping[str, Any]):
+    def tensor_list(self, given: Mapping[str, Any]) -> list:
+        return [given.get(name, default) for name, default in self.tensor_sources]
+
+    def run(self, q, k, v, tensors: list):
         from .kernel import ops
-        tensors = [given.get(name, default) for name, default in self.tensor_sources]
         return ops.run(q, k, v, tensors, self.entry, self.prepared)
 
 
