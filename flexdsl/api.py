@@ -131,6 +131,7 @@ class Attention:
         state = dict(self.__dict__, defaults=dict(self.defaults), _kernel_calls={},
                      _kernel_keys={})
         del state["index_ranges"], state["value_ranges"], state["_evaluated"]
+        del state["_ranges_where_kept"]
         return state
 
     def __setstate__(self, state):
@@ -141,6 +142,7 @@ class Attention:
         """What the calls check, from the spec: index and value ranges, and the checks by
         evaluation (with what they last passed, per Attention)."""
         self.index_ranges, self.value_ranges = _ranges(self.spec)
+        self._ranges_where_kept = None   # solved on the first call whose ranges fail
         checks = checked_by_evaluation(self.spec, self.index_ranges)
         self._evaluated = EvaluatedChecks(self.spec, checks) if checks else None
 
@@ -246,7 +248,9 @@ class Attention:
         indexes the score only: what both paths need valid."""
         if self.spec.spec.mask is None or r.low is None:
             return r
-        return _ranges_where_kept(self.spec, self.analysis).get((r.tensor, r.dim, r.index), r)
+        if self._ranges_where_kept is None:
+            self._ranges_where_kept = _ranges_where_kept(self.spec, self.analysis)
+        return self._ranges_where_kept.get((r.tensor, r.dim, r.index), r)
 
     def __call__(self, q, k, v, *, scale=None, return_lse: bool = False,
                  **params_and_tensors):

@@ -64,6 +64,18 @@ def _log2(x: torch.Tensor) -> torch.Tensor:
     return estimate + torch.where(power, nearest - estimate.detach(), 0.0)
 
 
+def rounded_log2(x: torch.Tensor, f: str) -> torch.Tensor:
+    """floor or ceil of log2(x), exact: exp2 of an integer is exact, so a power of two
+    checks the estimate and moves it by one where log2 rounded across an integer."""
+    if f == "floor":
+        e = torch.floor(_log2(x))
+        p = torch.exp2(e)
+        return torch.where(p > x, e - 1, torch.where(2 * p <= x, e + 1, e))
+    c = torch.ceil(_log2(x))
+    p = torch.exp2(c)
+    return torch.where(p / 2 >= x, c - 1, torch.where(p < x, c + 1, c))
+
+
 _FLOAT_FUNCTIONS = {
     "exp": torch.exp, "exp2": torch.exp2, "log": torch.log, "log2": _log2,
     "sqrt": torch.sqrt, "rsqrt": torch.rsqrt, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
@@ -168,8 +180,14 @@ class _Evaluator:
         return result
 
     def visit_Call(self, node):
-        args = [self.visit(a) for a in node.args]
         f = node.func
+        inner = node.args[0] if node.args else None
+        if f in ("floor", "ceil") and isinstance(inner, ir.Call) and inner.func == "log2":
+            # As the kernels do it: the estimate moved to the integer whose power of two
+            # bounds x (float32 log2(2**21 - 1) rounds to 21, whose floor is one too high).
+            x = self.kept(self.floating(self.visit(inner.args[0])))
+            return rounded_log2(x, f).to(torch.int64)
+        args = [self.visit(a) for a in node.args]
         if f in _FLOAT_FUNCTIONS:
             return _FLOAT_FUNCTIONS[f](self.kept(self.floating(args[0])))
         if f == "abs":

@@ -30,6 +30,7 @@ import torch
 from . import ir
 from .check import FLOAT, CheckedSpec
 from .check import check as _check
+from .eager import rounded_log2
 from .errors import SpecCallError
 
 ScoreMod = Callable[..., torch.Tensor]
@@ -138,6 +139,12 @@ def _compile(node: ir.Expr, values: Mapping[str, Any]):
             result = part if result is None else _apply(_BINARY["and"], [result, part])
         return result
     if isinstance(node, ir.Call):
+        inner = node.args[0]
+        if node.func in ("floor", "ceil") and isinstance(inner, ir.Call) and inner.func == "log2":
+            # Exact at and near powers of two, as the kernels and the reference compute it.
+            rounding = node.func
+            return _apply(lambda x: rounded_log2(_float(x), rounding).to(torch.int64),
+                          [_compile(inner.args[0], values)])
         return _apply(_FUNCTIONS[node.func], [_compile(a, values) for a in node.args])
     if isinstance(node, ir.IfElse):
         return _apply(_where, [_compile(node.test, values), _compile(node.then, values),

@@ -369,3 +369,30 @@ def test_an_index_of_the_score_needs_range_only_where_the_mask_keeps():
     attn = flexdsl.compile("score + bias[kv] where kv < P")
     assert attn(q, k, v, bias=torch.randn(2, dtype=F64), P=2).shape == q.shape
     assert attn(q, k, v, bias=torch.randn(1, dtype=F64), P=0).shape == q.shape
+
+
+def test_bounds_with_fractions_are_exact():
+    # kv < (kv_len + 2) // 3 solves to kv <= floor(kv_len/3 + 2/3) - 1 + ...: in floats,
+    # floor(7/3 + 2/3) came out 2, a bound one too low, and a table one too short passed.
+    q, k = torch.randn(1, 1, 3, 16, dtype=F64), torch.randn(1, 1, 7, 16, dtype=F64)
+    attn = flexdsl.compile("score + bias[kv] where kv < (kv_len + 2) // 3")
+    raises_at(lambda: attn(q, k, k, bias=torch.randn(2, dtype=F64)),
+              "'bias' is too short: dimension 0 has size 2, but index 'kv' reaches 2", 13, 2,
+              kind=SpecCallError)
+    assert attn(q, k, k, bias=torch.randn(3, dtype=F64)).shape == q.shape
+    q = torch.randn(1, 1, 99, 16, dtype=F64)
+    raises_at(lambda: flexdsl.compile("score + bias[q // 49]")(q, q, q,
+                                                               bias=torch.randn(2, dtype=F64)),
+              "index 'q // 49' reaches 2", 13, 7, kind=SpecCallError)
+
+
+def test_masks_comparing_keys_in_floats_are_not_narrowed():
+    # sympy adds 0.7 + 0.2 + 0.1 exactly; the kernels, left to right in float32, may keep
+    # kv = q + 1: the index keeps its whole range.
+    attn = flexdsl.compile("score + bias[kv - q + 2] where q - 2 <= kv and kv <= q + 0.7 + 0.2 "
+                           "+ 0.1")
+    (r,) = attn.index_ranges
+    assert attn.index_range_where_kept(r).kept is None
+    # A float comparison that bounds no key leaves the narrowing on.
+    attn = flexdsl.compile("score + bias[h, q - kv] where q >= kv and gate[h] > 0.3")
+    assert "where the mask keeps" in attn.index_range_where_kept(attn.index_ranges[1]).describe()

@@ -106,6 +106,18 @@ def test_mods_evaluate_the_spec_pointwise():
     assert mask_mod(i(0), i(0), i(4), i(1)).item() is False  # (4 - 1) % 2 != 0
 
 
+def test_log_buckets_are_exact_in_the_mods(monkeypatch):
+    # floor(log2(.)) goes through the same exact rounding as the reference and the kernels:
+    # a log2 an ulp low (torch's float64 log2 on CUDA at 8) keeps its bucket.
+    exact_log2 = torch.log2
+    monkeypatch.setattr(torch, "log2", lambda x: exact_log2(x) * (1 - 2.0 ** -52))
+    spec = flexdsl.check("score + bias[floor(log2(q - kv + 1))] where q >= kv")
+    score_mod, _ = to_flex(spec, {}, {"bias": torch.arange(6, dtype=torch.float32)})
+    i = torch.tensor
+    buckets = [score_mod(i(0.0), i(0), i(0), i(q), i(0)).item() for q in range(9)]
+    assert buckets == [0, 1, 1, 2, 2, 2, 2, 3, 3]
+
+
 def test_constant_parts_fold_in_float64():
     spec = flexdsl.check("score + log(MD / NB) / 3 where q - kv < W // 2")
     score_mod, mask_mod = to_flex(spec, {"MD": 10.0, "NB": 3, "W": 9})

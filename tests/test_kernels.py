@@ -593,6 +593,7 @@ def test_tables_without_gradients_cost_nothing_and_stay_correct():
     ("score + (kv - q + 0.5) ** P * 1e-4", {"P": 3.0}),   # a parameter power, negative bases
     ("score + 0 ** q + q ** 0", {}),                   # 0 ** 0 is 1
     ("score + (7 % -3) * (-7 // -2) + 2 ** 10 * 1e-3", {}),   # literals folded as Python does
+    ("score + 1e-3 * F ** 3 + 1e-4 * P ** 2", {"F": -1.5, "P": -7}),  # parameter bases
 ])
 def test_powers_and_literals_as_torch_computes_them(spec, params):
     # exp2(y * log2(x)) is NaN for a negative x: powers go by products or by _pow.

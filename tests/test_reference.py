@@ -241,3 +241,17 @@ def test_log_buckets_are_exact_where_log2_misses_a_power_of_two(monkeypatch):
     attn = flexdsl.compile(spec, options=flexdsl.KernelOptions(backend="torch"))
     assert (attn.reference(q, k, v, bias=bias)[0] - want).abs().max() <= TOLERANCE
     assert (attn(q, k, v, bias=bias) - want).abs().max() <= TOLERANCE
+
+
+def test_log_buckets_are_exact_in_float32_just_below_a_power_of_two():
+    # float32 log2(2**21 - 1) rounds to 21.0, whose floor is one bucket too high; the
+    # PyTorch side corrects floor and ceil of a log2 as the kernels do.
+    spec = "score + bias[floor(log2(q + 2097120))] + bias[ceil(log2(q + 2097120)) - 1] * 0.5"
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 1, 40, HEAD_DIM, generator=gen) for _ in range(3))
+    bias = torch.randn(22, generator=gen)
+    attn = flexdsl.compile(spec, options=flexdsl.KernelOptions(backend="torch"))
+    want = attn.reference(q.double(), k.double(), v.double(), bias=bias.double())[0]
+    low = attn.reference(q, k, v, bias=bias, dtype="float32")[0]
+    assert (low.double() - want).abs().max() <= 1e-5
+    assert (attn(q, k, v, bias=bias).double() - want).abs().max() <= 1e-5
