@@ -396,3 +396,25 @@ def test_masks_comparing_keys_in_floats_are_not_narrowed():
     # A float comparison that bounds no key leaves the narrowing on.
     attn = flexdsl.compile("score + bias[h, q - kv] where q >= kv and gate[h] > 0.3")
     assert "where the mask keeps" in attn.index_range_where_kept(attn.index_ranges[1]).describe()
+
+
+def test_clipped_and_bucketed_distances_are_narrowed_too():
+    # Interval arithmetic over the index, each affine part taking its range where kept.
+    q, k, v = qkv()
+    clipped = flexdsl.compile("score + bias[h, min(q - kv, 3)] where q >= kv")
+    assert clipped(q, k, v, bias=torch.randn(4, 4, dtype=F64)).shape == q.shape
+    raises_at(lambda: clipped(q, k, v, bias=torch.randn(4, 3, dtype=F64)),
+              "index 'min(q - kv, 3)' reaches 3", 16, 14, kind=SpecCallError)
+    halved = flexdsl.compile("score + bias[(q - kv) // 2] where q >= kv")
+    assert halved(q, k, v, bias=torch.randn(4, dtype=F64)).shape == q.shape   # q_len 7: 0..3
+
+
+def test_a_clamp_above_its_range_is_its_upper_bound():
+    # clamp(kv + 4, -1, 2) is 2 everywhere; its interval was [4, 2], which reads as "nothing
+    # kept" where ranges are narrowed, and let a table of 2 entries through.
+    attn = flexdsl.compile("score + bias[clamp(kv + 4, -1, 2)] where q + kv + P < 2 * q - kv")
+    (r,) = attn.index_ranges
+    assert r.bounds({"q_len": 5, "kv_len": 7, "P": -4}) == (2, 2)
+    q, k = torch.randn(1, 1, 5, 16, dtype=F64), torch.randn(1, 1, 7, 16, dtype=F64)
+    raises_at(lambda: attn(q, k, k, bias=torch.randn(2, dtype=F64), P=-4),
+              "index 'clamp(kv + 4, -1, 2)' reaches 2", 13, 20, kind=SpecCallError)

@@ -206,6 +206,19 @@ def _compares_keys_in_floats(spec: CheckedSpec) -> bool:
 
 
 def _kept_range(index: ir.Expr, solved: Solved, symbols: Symbols, extents) -> tuple | None:
+    """Bounds of an index over the positions the mask keeps, or None: an affine index's own
+    (``_kept_affine_range``); else interval arithmetic over the index with each affine
+    sub-expression's (``bias[min(q - kv, 127)] where q >= kv``: [0, 127])."""
+    affine = _kept_affine_range(index, solved, symbols, extents)
+    if affine is not None or _has_lookup(index):
+        return affine
+    interval = _interval(index, symbols, extents,
+                         lambda node: _kept_affine_range(node, solved, symbols, extents))
+    return None if interval is None else tuple(sympy.simplify(x) for x in interval)
+
+
+def _kept_affine_range(index: ir.Expr, solved: Solved, symbols: Symbols,
+                       extents) -> tuple | None:
     """Bounds of an index affine in q and kv over the positions the mask keeps, or None.
 
     Each conjunction keeps kv in [max of its lower bounds, min of its upper bounds] (0 and
@@ -331,8 +344,13 @@ def _has_lookup(node: ir.Expr) -> bool:
     return any(isinstance(n, ir.Lookup) for n in ir.walk(node))
 
 
-def _interval(node: ir.Expr, symbols: Symbols, extents) -> tuple | None:
-    """Sound interval bounds by structural recursion, for non-affine indices."""
+def _interval(node: ir.Expr, symbols: Symbols, extents, known=None) -> tuple | None:
+    """Sound interval bounds by structural recursion, for non-affine indices. ``known(node)``
+    may give a sub-expression's range first (the range of an affine one where kept)."""
+    if known is not None:
+        found = known(node)
+        if found is not None:
+            return found
     if isinstance(node, ir.Num):
         value = sympy.Integer(node.value) if isinstance(node.value, int) else sympy.Float(
             node.value)
@@ -343,11 +361,11 @@ def _interval(node: ir.Expr, symbols: Symbols, extents) -> tuple | None:
         s = symbols[node.id]
         return s, s
     if isinstance(node, ir.Unary) and node.op == "-":
-        inner = _interval(node.operand, symbols, extents)
+        inner = _interval(node.operand, symbols, extents, known)
         return None if inner is None else (-inner[1], -inner[0])
     if isinstance(node, ir.Binary):
-        a = _interval(node.left, symbols, extents)
-        b = _interval(node.right, symbols, extents)
+        a = _interval(node.left, symbols, extents, known)
+        b = _interval(node.right, symbols, extents, known)
         if a is None or b is None:
             return None
         if node.op == "+":
@@ -370,7 +388,7 @@ def _interval(node: ir.Expr, symbols: Symbols, extents) -> tuple | None:
             return sympy.Integer(0), sympy.Max(a[0] ** n, a[1] ** n)
         return None
     if isinstance(node, ir.Call):
-        args = [_interval(a, symbols, extents) for a in node.args]
+        args = [_interval(a, symbols, extents, known) for a in node.args]
         if any(a is None for a in args):
             return None
         if node.func == "abs":
@@ -380,12 +398,15 @@ def _interval(node: ir.Expr, symbols: Symbols, extents) -> tuple | None:
             f = sympy.Min if node.func == "min" else sympy.Max
             return f(*(a[0] for a in args)), f(*(a[1] for a in args))
         if node.func == "clamp":
-            (x_lo, x_hi), (lo_lo, _), (_, hi_hi) = args
-            return sympy.Max(x_lo, lo_lo), sympy.Min(x_hi, hi_hi)
+            # min(max(x, lo), hi), each bound through both: x entirely above hi gives hi,
+            # not an interval whose low passes its high.
+            (x_lo, x_hi), (lo_lo, lo_hi), (hi_lo, hi_hi) = args
+            return (sympy.Min(sympy.Max(x_lo, lo_lo), hi_lo),
+                    sympy.Min(sympy.Max(x_hi, lo_hi), hi_hi))
         return None
     if isinstance(node, ir.IfElse):
-        a = _interval(node.then, symbols, extents)
-        b = _interval(node.orelse, symbols, extents)
+        a = _interval(node.then, symbols, extents, known)
+        b = _interval(node.orelse, symbols, extents, known)
         if a is None or b is None:
             return None
         return sympy.Min(a[0], b[0]), sympy.Max(a[1], b[1])
