@@ -227,29 +227,18 @@ def _kept_affine_range(index: ir.Expr, solved: Solved, symbols: Symbols,
     that is largest at q = 0 or q_len - 1. The least upper bound over the U is sound, and
     exact for a single bound (causal: kv <= q). Bounds with lookups or floors are skipped,
     which only widens the range; so are conditions on rows and sorted-lookup runs."""
-    expression = sympy.expand(to_sympy(index, symbols))
-    if symbols.lookups:
-        symbols.lookups.clear()
+    poly = _affine(index, symbols)
+    if poly is None:
         return None
-    variables = [symbols[n] for n in ir.POSITIONS]
-    if not expression.is_polynomial(*variables):
-        return None
-    poly = sympy.Poly(expression, *variables)
     q, kv = symbols[solved.row], symbols[solved.col]
     a, k = poly.coeff_monomial(q), poly.coeff_monomial(kv)
-    if poly.total_degree() > 1 or k == 0 or not (a.is_number and k.is_number):
+    if k == 0 or not (a.is_number and k.is_number):
         return None
     # The terms other than a q + k kv, over b and h.
-    rest_low = rest_high = poly.as_expr().subs({v: 0 for v in variables})
-    for name, v in zip(ir.POSITIONS, variables):
-        c = poly.coeff_monomial(v)
-        if v in (q, kv) or c == 0:
-            continue
-        if not c.is_number:
-            return None
-        lo, hi = extents[name]
-        rest_low, rest_high = (rest_low + c * lo, rest_high + c * hi) if c > 0 else (
-            rest_low + c * hi, rest_high + c * lo)
+    rest = _affine_span(poly, symbols, extents, skip=(solved.row, solved.col))
+    if rest is None:
+        return None
+    rest_low, rest_high = rest
     last_row = symbols[f"{solved.row}_len"] - 1
 
     def ends(bound):   # a q + k bound(q) at the first and the last row
@@ -289,28 +278,44 @@ def _extents(symbols: Symbols) -> dict:
 
 
 def _range(node: ir.Expr, symbols: Symbols, extents) -> tuple | None:
+    poly = _affine(node, symbols)
+    span = _affine_span(poly, symbols, extents) if poly is not None else None
+    if span is not None:
+        return sympy.simplify(span[0]), sympy.simplify(span[1])
+    return _interval(node, symbols, extents)
+
+
+def _affine(node: ir.Expr, symbols: Symbols) -> sympy.Poly | None:
+    """``node`` as a polynomial of degree at most 1 in the positions, or None (a lookup, or
+    any other form)."""
     expression = sympy.expand(to_sympy(node, symbols))
     if symbols.lookups:
         symbols.lookups.clear()
-        if _has_lookup(node):
-            return None
+        return None
     variables = [symbols[n] for n in ir.POSITIONS]
-    poly = sympy.Poly(expression, *variables) if expression.is_polynomial(*variables) else None
-    if poly is not None and poly.total_degree() <= 1:
-        low = high = poly.as_expr().subs({v: 0 for v in variables})
-        for name, v in zip(ir.POSITIONS, variables):
-            coefficient = poly.coeff_monomial(v)
-            if coefficient == 0:
-                continue
-            lo, hi = extents[name]
-            if coefficient.is_positive:
-                low, high = low + coefficient * lo, high + coefficient * hi
-            elif coefficient.is_negative:
-                low, high = low + coefficient * hi, high + coefficient * lo
-            else:
-                return _interval(node, symbols, extents)
-        return sympy.simplify(low), sympy.simplify(high)
-    return _interval(node, symbols, extents)
+    if not expression.is_polynomial(*variables):
+        return None
+    poly = sympy.Poly(expression, *variables)
+    return poly if poly.total_degree() <= 1 else None
+
+
+def _affine_span(poly: sympy.Poly, symbols: Symbols, extents, skip=()) -> tuple | None:
+    """[low, high] of an affine ``poly`` over the positions' extents, the positions in ``skip``
+    left out (taken as 0); None where a coefficient's sign is unknown."""
+    variables = [symbols[n] for n in ir.POSITIONS]
+    low = high = poly.as_expr().subs({v: 0 for v in variables})
+    for name, v in zip(ir.POSITIONS, variables):
+        coefficient = poly.coeff_monomial(v)
+        if name in skip or coefficient == 0:
+            continue
+        lo, hi = extents[name]
+        if coefficient.is_positive:
+            low, high = low + coefficient * lo, high + coefficient * hi
+        elif coefficient.is_negative:
+            low, high = low + coefficient * hi, high + coefficient * lo
+        else:
+            return None
+    return low, high
 
 
 _PYTHON = {"Min": min, "Max": max, "floor": math.floor, "ceiling": math.ceil,
