@@ -360,8 +360,6 @@ class EvaluatedChecks:
                         tensors[check.context.tensor].shape[check.dim], self.spec.text)
 
     def _check_on_grid(self, check: EvaluatedCheck, q, k, params, tensors) -> None:
-        import dataclasses
-
         import torch
 
         from . import eager
@@ -372,7 +370,7 @@ class EvaluatedChecks:
                                         min(start + 1024, q_len))
             grid = eager.Grid(positions, params, tensors, torch.float32, None, self.spec.text)
             if mask is not None:
-                grid = dataclasses.replace(grid, keep=eager.evaluate(mask, grid))
+                grid = eager.with_mask(mask, grid)
             value = eager.kept_values(eager.evaluate(check.node, grid), grid.keep)
             if not value.numel():
                 continue

@@ -40,17 +40,19 @@ def evaluate(node: ir.Expr, grid: Grid) -> torch.Tensor:
     return _Evaluator(grid).visit(node)
 
 
+def with_mask(mask: ir.Expr, grid: Grid) -> Grid:
+    """``grid`` with ``keep`` set to the mask's value: the mask goes first, so that where it
+    drops a position what is evaluated next reads harmless values (``Grid.keep``)."""
+    return dataclasses.replace(grid, keep=evaluate(mask, grid))
+
+
 def masked_scores(spec: ir.Spec, grid: Grid, *, mask: bool = True) -> torch.Tensor:
     """The spec's score on ``grid`` (shaped like ``grid.score``), -inf where the mask drops a
-    position. The mask goes first: where it drops a position the score's lookups, divisors
-    and logarithms then read harmless values (``Grid.keep``). ``mask=False``: a block the
-    caller knows the mask keeps whole."""
-    keep = None
+    position. ``mask=False``: a block the caller knows the mask keeps whole."""
     if mask and spec.mask is not None:
-        keep = evaluate(spec.mask, grid)
-        grid = dataclasses.replace(grid, keep=keep)
+        grid = with_mask(spec.mask, grid)
     scores = evaluate(spec.score, grid).to(grid.float_dtype).expand_as(grid.score)
-    return scores if keep is None else scores.masked_fill(~keep, -math.inf)
+    return scores if grid.keep is None else scores.masked_fill(~grid.keep, -math.inf)
 
 
 def _log2(x: torch.Tensor) -> torch.Tensor:
@@ -65,15 +67,13 @@ def _log2(x: torch.Tensor) -> torch.Tensor:
 
 
 def rounded_log2(x: torch.Tensor, f: str) -> torch.Tensor:
-    """floor or ceil of log2(x), exact: exp2 of an integer is exact, so a power of two
-    checks the estimate and moves it by one where log2 rounded across an integer."""
-    if f == "floor":
-        e = torch.floor(_log2(x))
-        p = torch.exp2(e)
-        return torch.where(p > x, e - 1, torch.where(2 * p <= x, e + 1, e))
-    c = torch.ceil(_log2(x))
-    p = torch.exp2(c)
-    return torch.where(p / 2 >= x, c - 1, torch.where(p < x, c + 1, c))
+    """floor or ceil of log2(x), exact: exp2 of an integer is exact, so a power of two checks
+    the floor of the estimate and moves it by one where log2 rounded across an integer; the
+    ceiling is the floor, plus one unless x is that power of two."""
+    e = torch.floor(torch.log2(x))
+    p = torch.exp2(e)
+    e = torch.where(p > x, e - 1, torch.where(2 * p <= x, e + 1, e))
+    return e if f == "floor" else torch.where(torch.exp2(e) == x, e, e + 1)
 
 
 _FLOAT_FUNCTIONS = {
