@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..analysis.plan import MaskAnalysis, check_positive, document_tensors
-from . import direct
+from . import direct, hopper
 from .compile import CompiledSpec, KernelTraits, interpreting
 
 
@@ -121,6 +121,7 @@ class Settings:
     split_bias: bool           # the forward and dq passes split a separable bias
     split_bias_dkdv: bool      # ... and the dk/dv pass
     processors: int            # the GPU's multiprocessors: how many programs a wave holds
+    forward_chosen: bool       # the caller chose the forward's tile (no Hopper forward then)
 
 _settings_made = itertools.count()
 
@@ -148,7 +149,8 @@ def settings(kernels: CompiledSpec, head_dim: int, dtype: torch.dtype, device: t
     split, split_dkdv = split_bias(constants)
     return Settings(defaults, pointer_forward, constants, _copy_engine_for(head_dim, device),
                     device.index if device.type == "cuda" else None, next(_settings_made),
-                    split, split_dkdv, _processors(device))
+                    split, split_dkdv, _processors(device),
+                    overrides is not None and overrides.forward is not None)
 
 
 def _row_grid(rows: int, block: int, heads: int, processors: int) -> tuple[tuple, int]:
@@ -415,6 +417,9 @@ class Prepared:
         self.rows_pad, self.covered = _padded_rows(q_len, dq_config.block_m,
                                                    dkdv_config.block_m)
         self.aux_shape = (batch * heads, 2, self.rows_pad)
+        kind = hopper.mask_kind(analysis)
+        self.hopper = (hopper.Forward(kind, q, k, scale)
+                       if hopper.serves(kind, q, k, v, scale, settings.forward_chosen) else None)
 
     def spec_tensors(self, tensors) -> tuple[tuple, bool, bool]:
         """The spec's tensor arguments, each with its strides and sizes: ``tensors`` (the
@@ -523,6 +528,8 @@ def forward(prepared: Prepared, q, k, v, tensors: tuple):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(prepared.lse_shape, dtype=torch.float32, device=q.device)
     if prepared.q_len == 0:
+        return out, lse
+    if prepared.hopper is not None and prepared.hopper(q, k, v, out, lse):
         return out, lse
     spec, exact_q, _ = prepared.spec_tensors(tensors)
     launch = prepared.forward_descriptors
