@@ -128,20 +128,35 @@ def _hopper() -> bool:
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("spec", ["where q >= kv", "score", "where kv < q + 1"])
 def test_hopper_forward_against_float64(spec, head_dim):
-    # The warp-specialised forward (kernel/hopper.py) serves these specs on Hopper: lengths off
-    # its 128-row items, fewer and more keys than queries, grouped heads, one row, and more
-    # items than programs; the backward reads its lse.
+    # The warp-specialised forward (kernel/hopper.py) serves these specs on Hopper where the
+    # keys are whole 128-key tiles: query lengths off its 128-row items, fewer and more keys
+    # than queries, grouped heads, one row, and more items than programs; the backward reads
+    # its lse.
     from flexdsl.kernel import hopper
     attn = flexdsl.compile(spec)
     gen = torch.Generator().manual_seed(11)
     before = hopper.launches
-    for batch, heads, kv_heads, q_len, kv_len in [(2, 4, 2, 333, 333), (1, 4, 1, 1000, 1537),
-                                                  (1, 2, 2, 1537, 1000), (3, 2, 1, 1, 1),
-                                                  (4, 16, 16, 600, 600)]:
+    for batch, heads, kv_heads, q_len, kv_len in [(2, 4, 2, 333, 384), (1, 4, 1, 1000, 1536),
+                                                  (1, 2, 2, 1537, 1024), (3, 2, 1, 1, 128),
+                                                  (4, 16, 16, 600, 640)]:
         for dtype in (torch.bfloat16, torch.float16):
             _compare(attn, Case("hopper", spec), batch, heads, kv_heads, q_len, kv_len,
                      head_dim, dtype, gen)
     assert hopper.launches - before == 10, "the Hopper forward did not serve every call"
+
+
+@pytest.mark.parametrize("length", [200, 256])
+def test_non_finite_values_stay_in_their_batch(length):
+    # A padded sample's values are its own: its NaN never reaches its neighbours' outputs
+    # (the Hopper forward's key tiles stop at a head's end where it serves, 256).
+    attn = flexdsl.compile("where q >= kv")
+    q, k, v = (torch.randn(2, 2, length, 128, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))
+    k[1], v[1] = float("nan"), float("inf")
+    out = attn(q, k, v)
+    assert torch.isfinite(out[0]).all()
+    want, _ = attn.reference(q[:1].double(), k[:1].double(), v[:1].double())
+    assert _error(out[:1], want) < 2e-2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not _hopper(), reason="needs an H100/H200")
@@ -157,6 +172,7 @@ def test_hopper_forward_repeats_exactly():
     for _ in range(5):
         assert torch.equal(attn(q, k, v), first)
     side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         again = attn(q, k, v)
     side.synchronize()

@@ -2,8 +2,9 @@
 
 The rendered Triton forward serves every spec. For the two plainest ones, the bare dot product
 with no mask or a causal mask (``score``, ``where q >= kv`` and what solves to the same keys),
-an H100/H200 runs a hand-written Gluon forward instead (``hopper_gluon.py``): a loader warp and
-two consumer warp groups in a persistent program, the structure of FlashAttention-3 and cuDNN,
+an H100/H200 runs a hand-written Gluon forward (``hopper_gluon.py``) instead, where the call
+allows it (``eligible``: among others, keys in whole 128-key tiles): a loader warp and two
+consumer warp groups in a persistent program, the structure of FlashAttention-3 and cuDNN,
 which Triton's compiler does not produce from the generated loop. On the H200 it took the
 causal forward at B=8 H=16 S=1024 D=128 from 0.110 ms to 0.090 (cuDNN 0.088), and at B=2 S=4096
 from 0.289 to 0.244-0.250 (cuDNN 0.265). The backward is the rendered one: it reads the same lse.
@@ -22,6 +23,7 @@ import torch
 
 from .. import ir
 from ..analysis.plan import MaskAnalysis
+from .compile import interpreting
 
 LOG2E = 1.4426950408889634
 # Heads whose items run together (heavy rows first within them): their keys stay in L2. On the
@@ -41,8 +43,9 @@ def mask_kind(analysis: MaskAnalysis) -> str | None:
     c = conjunctions[0]
     if c.rows or c.documents or c.residual:
         return None
-    if not all(isinstance(b, ir.Num) and b.value <= 0 for b in c.lower):
-        return None   # kv >= 0 holds for every key; any other lower bound does not
+    lower = [_constant(b) for b in c.lower]
+    if not all(b is not None and b <= 0 for b in lower):
+        return None   # kv >= c with a constant c <= 0 holds for every key
     if not c.upper:
         return "full"
     if c.upper == (ir.Name("q"),):
@@ -50,29 +53,52 @@ def mask_kind(analysis: MaskAnalysis) -> str | None:
     return None
 
 
+def _constant(e) -> float | None:
+    if isinstance(e, ir.Num):
+        return e.value
+    if isinstance(e, ir.Unary) and e.op == "-" and isinstance(e.operand, ir.Num):
+        return -e.operand.value
+    return None
+
+
 def enabled() -> bool:
+    """``FLEXDSL_HOPPER_FORWARD=0`` turns the Hopper forward off for call geometries prepared
+    after it is set (each is decided once, on its first call)."""
     return os.environ.get("FLEXDSL_HOPPER_FORWARD", "1") not in ("", "0")
 
 
 def serves(kind: str | None, q, k, v, scale: float, chosen_tile: bool) -> bool:
-    """Whether a call of this geometry goes to the Hopper forward: an sm_90 GPU, 16-bit
-    contiguous q, k and v, head dim 64 or 128, a positive scale, no forward tile the caller
-    chose, and keys to attend to."""
-    if kind is None or chosen_tile or not enabled() or q.device.type != "cuda":
+    """Whether a call of this geometry goes to the Hopper forward (see ``eligible``); never
+    under the interpreter, and not where the caller chose the forward's tile."""
+    if kind is None or chosen_tile or not enabled() or interpreting() \
+            or q.device.type != "cuda":
         return False
-    if torch.cuda.get_device_capability(q.device) != (9, 0):
-        return False
-    if q.dtype not in (torch.bfloat16, torch.float16) or not k.dtype == v.dtype == q.dtype:
-        return False
-    if q.shape[3] not in (64, 128) or not (scale > 0 and math.isfinite(scale)):
-        return False
-    if k.shape[2] == 0 or q.shape[2] == 0:
-        return False
-    return all(t.is_contiguous() for t in (q, k, v))
+    return eligible(torch.cuda.get_device_capability(q.device), q.dtype, k.dtype, v.dtype,
+                    tuple(q.shape), tuple(k.shape), scale,
+                    all(t.is_contiguous() for t in (q, k, v)))
 
 
-_broken: dict = {}      # (head dim, dtype): why the Gluon kernel did not compile
-_compiled: set = set()  # (head dim, dtype) that compiled
+def eligible(capability: tuple, q_dtype, k_dtype, v_dtype, q_shape: tuple, k_shape: tuple,
+             scale: float, contiguous: bool) -> bool:
+    """An sm_90 GPU; 16-bit q, k and v of one dtype, contiguous; head dim 64 or 128; a
+    positive finite scale; no empty dimension; and a key length that is a whole number of the
+    kernel's 128-key tiles. The kernel reads k and v as one (rows, D) matrix, so a head's last
+    partial tile would hold the next head's first keys: their scores are masked, but a
+    non-finite value among them would still reach the output as 0 * inf (descriptors that
+    stop at each head, rank 3, are the way to lift this)."""
+    if capability != (9, 0) or not contiguous:
+        return False
+    if q_dtype not in (torch.bfloat16, torch.float16) or not k_dtype == v_dtype == q_dtype:
+        return False
+    if q_shape[3] not in (64, 128) or not (scale > 0 and math.isfinite(scale)):
+        return False
+    if 0 in q_shape or 0 in k_shape:
+        return False
+    return k_shape[2] % 128 == 0
+
+
+_broken: dict = {}      # (head dim, dtype, causal): why the Gluon kernel did not compile
+_compiled: set = set()  # (head dim, dtype, causal) that compiled
 launches = 0            # calls the Hopper forward served (the GPU tests read it)
 
 
@@ -93,27 +119,35 @@ class Forward:
         self._layouts = None
 
     def __call__(self, q, k, v, out, lse) -> bool:
-        """Writes out and lse; False (nothing written) if the kernel is not to be had or the
-        tensors do not start on 16 bytes, as TMA needs."""
-        key = (self.head_dim, q.dtype)
-        if key in _broken or any(t.data_ptr() % 16 for t in (q, k, v, out)):
+        """Writes out and lse; False (nothing written) if the kernel is not to be had, the
+        tensors do not start on 16 bytes as TMA needs, or a CUDA graph is being captured (the
+        work counter belongs to a stream, and a graph replays on others)."""
+        key = (self.head_dim, q.dtype, self.causal)
+        if key in _broken or any(t.data_ptr() % 16 for t in (q, k, v, out)) \
+                or torch.cuda.is_current_stream_capturing():
             return False
         try:
             from . import hopper_gluon
-            self._launch(hopper_gluon, q, k, v, out, lse)
         except Exception as error:   # an experimental API: fall back, once
-            if key in _compiled:
-                raise
-            _broken[key] = f"{type(error).__name__}: {error}"
-            warnings.warn("flexdsl: the Hopper forward did not compile, the generated forward "
-                          f"serves instead ({_broken[key][:300]})", RuntimeWarning)
-            return False
-        _compiled.add(key)
+            return _fall_back(key, error)
+        args = (*self._descriptors(q, k, v), out, lse, _counter(q.device), self.q_len,
+                self.kv_len, self.n_bh, self.heads, self.group, self.head_group,
+                self.qk_scale, self.head_dim, self.causal)
+        launch = hopper_gluon.attention_forward[(self.programs,)]
+        if key not in _compiled:
+            try:   # the first launch compiles
+                launch(*args, num_warps=4)
+            except Exception as error:
+                return _fall_back(key, error)
+            _compiled.add(key)
+        else:
+            launch(*args, num_warps=4)
         global launches
         launches += 1
         return True
 
-    def _launch(self, module, q, k, v, out, lse):
+    def _descriptors(self, q, k, v) -> tuple:
+        """q, k and v as (rows, D) matrices for TMA: 64-row query tiles, 128-row key tiles."""
         from triton.experimental.gluon import language as gl
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
         d = self.head_dim
@@ -123,13 +157,16 @@ class Forward:
                              gl.NVMMASharedLayout.get_default_for([128, d], element))
         q_layout, kv_layout = self._layouts
         q_rows, kv_rows = q.numel() // d, k.numel() // d
-        q_desc = TensorDescriptor(q, [q_rows, d], [d, 1], [64, d], q_layout)
-        k_desc = TensorDescriptor(k, [kv_rows, d], [d, 1], [128, d], kv_layout)
-        v_desc = TensorDescriptor(v, [kv_rows, d], [d, 1], [128, d], kv_layout)
-        module.attention_forward[(self.programs,)](
-            q_desc, k_desc, v_desc, out, lse, _counter(q.device), self.q_len, self.kv_len,
-            self.n_bh, self.heads, self.group, self.head_group, self.qk_scale, d, self.causal,
-            num_warps=4)
+        return (TensorDescriptor(q, [q_rows, d], [d, 1], [64, d], q_layout),
+                TensorDescriptor(k, [kv_rows, d], [d, 1], [128, d], kv_layout),
+                TensorDescriptor(v, [kv_rows, d], [d, 1], [128, d], kv_layout))
+
+
+def _fall_back(key, error) -> bool:
+    _broken[key] = f"{type(error).__name__}: {error}"
+    warnings.warn("flexdsl: the Hopper forward did not compile, the generated forward serves "
+                  f"instead ({_broken[key][:300]})", RuntimeWarning)
+    return False
 
 
 _counters: dict = {}
