@@ -68,6 +68,7 @@ def cmd_check(args) -> int:
     _print_score(attention)
     _print_diagonals(attention)
     _print_bounds(attention, params)
+    _print_forward(attention)
     return 0
 
 
@@ -115,6 +116,16 @@ def _print_bounds(attention, params) -> None:
     if analysis.by_query.positive:
         print(f"requires {', '.join(analysis.by_query.positive)} > 0 (positions are divided "
               f"by {'them' if len(analysis.by_query.positive) > 1 else 'it'})")
+
+
+def _print_forward(attention) -> None:
+    """Whether the hand-written Hopper forward serves the spec (kernel/hopper.py)."""
+    from .kernel import hopper
+    kind = hopper.mask_kind(attention.analysis)
+    if kind is not None:
+        print(f"forward: {kind} attention: on an H100/H200 the hand-written warp-specialised "
+              "kernel\n  (bf16 or fp16, head dim 64 or 128, keys a multiple of 128); elsewhere "
+              "the rendered one")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -45,6 +45,13 @@ def test_the_score_treatment_is_printed(capsys):
     assert not any(line.startswith("score:") for line in out.splitlines())
 
 
+def test_the_hopper_forward_is_named(capsys):
+    _, out, _ = run(capsys, "check", "where kv <= q")
+    assert "forward: causal attention: on an H100/H200 the hand-written" in out
+    _, out, _ = run(capsys, "check", "where q > kv")
+    assert "forward:" not in out
+
+
 def test_terms_read_per_diagonal_are_printed(capsys):
     _, out, _ = run(capsys, "check", "score + bias[h, q - kv + kv_len]")
     assert ("diagonal: bias[h, q - kv + kv_len] depends on q - kv alone: the kernels evaluate "
