@@ -15,6 +15,7 @@ back to the rendered forward, with one warning.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -23,6 +24,7 @@ import torch
 
 from .. import ir
 from ..analysis.plan import MaskAnalysis
+from ..check import constant_value
 from .compile import interpreting
 
 LOG2E = 1.4426950408889634
@@ -43,21 +45,13 @@ def mask_kind(analysis: MaskAnalysis) -> str | None:
     c = conjunctions[0]
     if c.rows or c.documents or c.residual:
         return None
-    lower = [_constant(b) for b in c.lower]
+    lower = [constant_value(b) for b in c.lower]
     if not all(b is not None and b <= 0 for b in lower):
         return None   # kv >= c with a constant c <= 0 holds for every key
     if not c.upper:
         return "full"
     if c.upper == (ir.Name("q"),):
         return "causal"
-    return None
-
-
-def _constant(e) -> float | None:
-    if isinstance(e, ir.Num):
-        return e.value
-    if isinstance(e, ir.Unary) and e.op == "-" and isinstance(e.operand, ir.Num):
-        return -e.operand.value
     return None
 
 
@@ -112,8 +106,8 @@ class Forward:
         self.n_bh, self.heads, self.group = batch * heads, heads, heads // k.shape[1]
         self.head_dim = head_dim
         self.qk_scale = scale * LOG2E
-        self.items = math.ceil(q_len / 128) * batch * heads
-        self.programs = min(self.items,
+        items = math.ceil(q_len / 128) * batch * heads
+        self.programs = min(items,
                             torch.cuda.get_device_properties(q.device).multi_processor_count)
         self.head_group = min(HEAD_GROUP, self.n_bh)
         self._layouts = None
@@ -127,13 +121,13 @@ class Forward:
                 or torch.cuda.is_current_stream_capturing():
             return False
         try:
-            from . import hopper_gluon
+            kernel, gl, descriptor = _gluon()
         except Exception as error:   # an experimental API: fall back, once
             return _fall_back(key, error)
-        args = (*self._descriptors(q, k, v), out, lse, _counter(q.device), self.q_len,
-                self.kv_len, self.n_bh, self.heads, self.group, self.head_group,
+        args = (*self._descriptors(gl, descriptor, q, k, v), out, lse, _counter(q.device),
+                self.q_len, self.kv_len, self.n_bh, self.heads, self.group, self.head_group,
                 self.qk_scale, self.head_dim, self.causal)
-        launch = hopper_gluon.attention_forward[(self.programs,)]
+        launch = kernel[(self.programs,)]
         if key not in _compiled:
             try:   # the first launch compiles
                 launch(*args, num_warps=4)
@@ -146,10 +140,8 @@ class Forward:
         launches += 1
         return True
 
-    def _descriptors(self, q, k, v) -> tuple:
+    def _descriptors(self, gl, TensorDescriptor, q, k, v) -> tuple:
         """q, k and v as (rows, D) matrices for TMA: 64-row query tiles, 128-row key tiles."""
-        from triton.experimental.gluon import language as gl
-        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
         d = self.head_dim
         if self._layouts is None:
             element = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
@@ -160,6 +152,17 @@ class Forward:
         return (TensorDescriptor(q, [q_rows, d], [d, 1], [64, d], q_layout),
                 TensorDescriptor(k, [kv_rows, d], [d, 1], [128, d], kv_layout),
                 TensorDescriptor(v, [kv_rows, d], [d, 1], [128, d], kv_layout))
+
+
+@functools.lru_cache(maxsize=None)
+def _gluon():
+    """The kernel, Gluon's language module and its TensorDescriptor: imported on the first
+    call served (Gluon is not needed, nor perhaps importable, elsewhere), then kept."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from . import hopper_gluon
+    return hopper_gluon.attention_forward, gl, TensorDescriptor
 
 
 def _fall_back(key, error) -> bool:

@@ -16,6 +16,8 @@ idle at the end (0.108 ms against 0.090 on the H200 at B=8 H=16 S=1024 D=128).
 from __future__ import annotations
 
 from triton.experimental import gluon
+
+from . import hopper
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
@@ -26,7 +28,7 @@ _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_glo
 BLOCK_M = gl.constexpr(128)   # query rows an item (64 a consumer warp group)
 BLOCK_N = gl.constexpr(128)   # keys a ring slot
 STAGES = gl.constexpr(2)
-LOG2E = gl.constexpr(1.4426950408889634)
+LOG2E = gl.constexpr(hopper.LOG2E)
 
 
 @gluon.jit
@@ -50,6 +52,16 @@ def _item(t, q_len, kv_len, n_bh, heads, group, head_group, CAUSAL: gl.constexpr
     b = bh // heads
     kv_head = b * (heads // group) + (bh - b * heads) // group
     return m0, bh, bh * q_len, kv_head * kv_len, n_tiles
+
+
+@gluon.jit
+def _masked(s, rows, tile, kv_len, col_layout: gl.constexpr, CAUSAL: gl.constexpr):
+    """Scores of key tile ``tile`` with -inf past kv_len and, causal, above the diagonal."""
+    cols = tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=col_layout)
+    keep = cols[None, :] < kv_len
+    if CAUSAL:
+        keep = keep & (rows[:, None] >= cols[None, :])
+    return gl.where(keep, s, -float("inf"))
 
 
 @gluon.jit
@@ -98,11 +110,7 @@ def _consumer(wg: gl.constexpr, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, q_f
         if n_tiles == 1:
             mbarrier.arrive(q_free.index(qb * 2 + wg))
         if first_masked == 0:
-            cols = gl.arange(0, BLOCK_N, layout=col_s)
-            keep = cols[None, :] < kv_len
-            if CAUSAL:
-                keep = keep & (rows[:, None] >= cols[None, :])
-            s = gl.where(keep, s, -float("inf"))
+            s = _masked(s, rows, 0, kv_len, col_s, CAUSAL)
         m_i = gl.max(s, 1) * qk_scale
         p = gl.exp2(s * qk_scale - m_i[:, None])
         l_i = gl.sum(p, 1)
@@ -126,11 +134,7 @@ def _consumer(wg: gl.constexpr, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, q_f
             if j == n_tiles - 1:
                 mbarrier.arrive(q_free.index(qb * 2 + wg))
             if j >= first_masked:
-                cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=col_s)
-                keep = cols[None, :] < kv_len
-                if CAUSAL:
-                    keep = keep & (rows[:, None] >= cols[None, :])
-                s = gl.where(keep, s, -float("inf"))
+                s = _masked(s, rows, j, kv_len, col_s, CAUSAL)
             m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
             alpha = gl.exp2(m_i - m_new)
             p = gl.exp2(s * qk_scale - m_new[:, None])
